@@ -1,0 +1,50 @@
+"""Checks a config before anything is built or compiled, so a typo fails in a second with a
+message naming the bad value and what would be valid, not after minutes of compilation."""
+
+import jax
+import ml_collections
+
+from mim_jax import masking
+from mim_jax import methods
+from mim_jax import models
+from mim_jax.data import sources
+from mim_jax.models import vit
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on the first invalid field."""
+  models.dtype(config.model.dtype)
+  models.dtype(config.model.param_dtype)
+  models.build_encoder(config)  # unknown model, variant, attention_impl
+  if config.method.name not in methods.names():
+    raise ValueError(f"unknown method {config.method.name!r}; valid: {methods.names()}")
+  masking.get(config.method.mask)
+  if config.method.name == "mae":
+    _, patch = vit.parse_variant(config.model.variant)
+    if config.image_size % patch:
+      raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
+                       f"{patch} of variant {config.model.variant!r}")
+    masking.num_visible((config.image_size // patch) ** 2, config.method.mask_ratio)
+    if config.method.decoder_width % config.method.decoder_heads:
+      raise ValueError(f"decoder_width {config.method.decoder_width} is not divisible by "
+                       f"decoder_heads {config.method.decoder_heads}")
+  devices = jax.device_count()
+  if config.batch_size <= 0 or config.batch_size % devices:
+    raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of the "
+                     f"number of devices ({devices})")
+  kind, _, arg = config.data.name.partition(":")
+  if config.data.name not in ("digits", "synthetic") and not (kind in ("tfds", "folder") and arg):
+    raise ValueError(f"unknown dataset {config.data.name!r}; valid forms: "
+                     f"{', '.join(sources.VALID_NAMES)}")
+  if config.data.on_corrupt not in ("skip", "error"):
+    raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {config.data.on_corrupt!r}")
+  for field in ("mean", "std"):
+    if len(config.data[field]) != config.data.channels:
+      raise ValueError(f"data.{field} has {len(config.data[field])} values but data.channels "
+                       f"is {config.data.channels}")
+  for field in ("total_steps", "log_every_steps"):
+    if config[field] <= 0:
+      raise ValueError(f"{field} must be positive, got {config[field]}")
+  if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+    raise ValueError("checkpoint.every_steps and checkpoint.keep must be positive, got "
+                     f"{config.checkpoint.every_steps} and {config.checkpoint.keep}")

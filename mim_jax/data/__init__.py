@@ -1,0 +1,7 @@
+"""Input: sources of images (digits, synthetic, tfds, folders), augmentation, grain pipelines."""
+
+from mim_jax.data.pipeline import eval_arrays
+from mim_jax.data.pipeline import train_iterator
+from mim_jax.data.sources import get_source
+
+__all__ = ["eval_arrays", "get_source", "train_iterator"]

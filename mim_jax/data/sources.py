@@ -1,0 +1,225 @@
+"""Random-access image sources, picked by `config.data.name`.
+
+Every source has `len()` and integer indexing, and returns records
+`{"image": uint8 [H, W, C], "label": int32}` with C = `config.data.channels`.
+The forms of `config.data.name`:
+
+  digits          scikit-learn's bundled 8x8 handwritten digits: 1797 images, no
+                  download. Split by a fixed seeded permutation: 'train' is its
+                  first 1500 images, 'test' the last 297.
+  synthetic       deterministic random images of `image_size`, for benchmarks.
+  tfds:<name>     a prepared tfds dataset read through `tfds.data_source`
+                  (ArrayRecord, no TensorFlow); features 'image' and 'label'.
+  folder:<path>   JPEG/PNG files under <path>/<split> if that folder exists, else
+                  under <path>. Images in class subfolders get the sorted class
+                  index as label, otherwise label 0.
+"""
+
+from concurrent import futures
+import os
+import pathlib
+import zlib
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+from sklearn import datasets as sk_datasets
+import tensorflow_datasets as tfds
+
+Record = dict[str, np.ndarray]
+
+VALID_NAMES = ("digits", "synthetic", "tfds:<name>", "folder:<path>")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+DIGITS_TRAIN_SIZE = 1500
+SYNTHETIC_SIZE = 10_000
+# Folder names that mark a folder as split into train/test rather than classes.
+SPLIT_FOLDERS = ("train", "test", "val", "validation")
+_PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def _record(image: np.ndarray, label: int) -> Record:
+  return {"image": image, "label": np.int32(label)}
+
+
+def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
+  array = np.asarray(image.convert(_PIL_MODES[channels]), dtype=np.uint8)
+  return array.reshape(array.shape[:2] + (channels,))
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """Returns a uint8 [H, W, channels] image from [H, W] or [H, W, C] input."""
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == channels:
+    return image
+  # PIL's L <-> RGB(A) conversions define luma and alpha handling for us.
+  squeezed = image[..., 0] if image.shape[-1] == 1 else image
+  return _pil_to_array(Image.fromarray(squeezed), channels)
+
+
+class DigitsSource:
+  """scikit-learn's 8x8 digits, 0..16 ink scaled to 0..255."""
+
+  def __init__(self, split: str, channels: int):
+    if split not in ("train", "test"):
+      raise ValueError(f"digits: unknown split {split!r}; valid: 'train', 'test'.")
+    digits = sk_datasets.load_digits()
+    # A fixed permutation, so both splits sample the whole file whatever its order.
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    order = order[:DIGITS_TRAIN_SIZE] if split == "train" else order[DIGITS_TRAIN_SIZE:]
+    images = np.round(digits.images[order] * (255 / 16)).astype(np.uint8)
+    self._images = [to_channels(image, channels) for image in images]
+    self._labels = digits.target[order].astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> Record:
+    return _record(self._images[index], self._labels[index])
+
+
+class SyntheticSource:
+  """Uniform random images, generated on access so any length costs no memory."""
+
+  def __init__(self, split: str, image_size: int, channels: int, num_classes: int):
+    self._shape = (image_size, image_size, channels)
+    self._num_classes = num_classes
+    # crc32, unlike hash(), is stable across processes, so every host agrees.
+    self._split_seed = zlib.crc32(split.encode())
+
+  def __len__(self) -> int:
+    return SYNTHETIC_SIZE
+
+  def __getitem__(self, index: int) -> Record:
+    rng = np.random.default_rng((self._split_seed, index))
+    image = rng.integers(0, 256, self._shape, dtype=np.uint8)
+    return _record(image, rng.integers(self._num_classes))
+
+
+class TfdsSource:
+  """A tfds ArrayRecord dataset; tfds decodes the images to numpy for us."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None, channels: int):
+    try:
+      # No download: every host of a pod would fetch at once, and preparing needs TensorFlow.
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except NotImplementedError as e:  # tfds' error for data not prepared as ArrayRecord.
+      raise ValueError(f"tfds:{name} is not prepared as ArrayRecord in data_dir={data_dir}; "
+                       f"run `tfds build {name} --file_format=array_record` once.") from e
+    features = set(self._source.dataset_info.features.keys())
+    if missing := {"image", "label"} - features:
+      raise ValueError(f"tfds:{name} lacks features {sorted(missing)}; it has {sorted(features)}.")
+    self._channels = channels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Record:
+    example = self._source[index]
+    return _record(to_channels(np.asarray(example["image"]), self._channels), example["label"])
+
+
+def _is_readable(path: pathlib.Path) -> bool:
+  try:
+    with Image.open(path) as image:
+      image.verify()
+    return True
+  except Exception:  # PIL raises many types (OSError, SyntaxError, ...).
+    return False
+
+
+class FolderSource:
+  """JPEG/PNG files in a folder tree, decoded with Pillow on access.
+
+  Files are checked upfront with `PIL.Image.verify`, which reads headers (and
+  PNG checksums) but does not decode pixels, so it stays cheap for large folders.
+  Checking upfront rather than on access keeps the index -> file map fixed and
+  identical on every host, which sharding and exact resume rely on, and it
+  gives the corrupt count (`num_corrupt`) before training starts. Damage that
+  verify cannot see (truncated JPEG data) surfaces on access: 'error' raises,
+  'skip' substitutes the next file, so the order stays deterministic.
+  """
+
+  def __init__(self, path: str, split: str, channels: int, on_corrupt: str):
+    if on_corrupt not in ("skip", "error"):
+      raise ValueError(f"on_corrupt={on_corrupt!r}; valid: 'skip', 'error'.")
+    root = pathlib.Path(path).expanduser()
+    if not root.is_dir():
+      raise ValueError(f"folder source: {root} is not an existing directory.")
+    if (root / split).is_dir():
+      root = root / split
+    elif split_dirs := sorted(d.name for d in root.iterdir() if d.name in SPLIT_FOLDERS):
+      # Reading such a folder whole would turn its split folders into classes.
+      raise ValueError(f"folder source: {root} has split folders {split_dirs} "
+                       f"but none for split {split!r}.")
+    # os.walk, unlike Path.rglob, follows symlinked class folders, a common way to build subsets.
+    files = sorted(pathlib.Path(folder, name)
+                   for folder, _, names in os.walk(root, followlinks=True) for name in names
+                   if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    if not files:
+      raise ValueError(f"folder source: no image files "
+                       f"({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+
+    # Class folders only when every image sits in one; a flat folder is unlabeled. Labels come
+    # from all files, so a class whose files are all corrupt does not shift the others.
+    relative = [f.relative_to(root).parts for f in files]
+    if all(len(parts) > 1 for parts in relative):
+      self.class_names = sorted({parts[0] for parts in relative})
+      index = {name: i for i, name in enumerate(self.class_names)}
+      labels = [index[parts[0]] for parts in relative]
+    else:
+      self.class_names = []
+      labels = [0] * len(files)
+
+    with futures.ThreadPoolExecutor(16) as pool:  # I/O bound: threads overlap the reads.
+      readable = list(pool.map(_is_readable, files))
+    corrupt = [f for f, ok in zip(files, readable) if not ok]
+    if corrupt and on_corrupt == "error":
+      raise ValueError(f"folder source: cannot decode image file {corrupt[0]} "
+                       f"({len(corrupt)} such files); set on_corrupt='skip' to skip them.")
+    if len(corrupt) == len(files):
+      raise ValueError(f"folder source: every image file under {root} is corrupt.")
+    if corrupt:
+      logging.warning("folder source: skipping %d corrupt of %d image files under %s, e.g. %s.",
+                      len(corrupt), len(files), root, corrupt[0])
+    self.num_corrupt = len(corrupt)
+    self._files = [f for f, ok in zip(files, readable) if ok]
+    self._labels = [label for label, ok in zip(labels, readable) if ok]
+    self._channels = channels
+    self._on_corrupt = on_corrupt
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> Record:
+    for offset in range(len(self._files)):
+      i = (index + offset) % len(self._files)
+      try:
+        with Image.open(self._files[i]) as image:
+          return _record(_pil_to_array(image, self._channels), self._labels[i])
+      except OSError as e:
+        if self._on_corrupt == "error":
+          raise ValueError(f"folder source: cannot decode image file {self._files[i]}: {e}") from e
+        logging.warning("folder source: skipping corrupt image file %s: %s", self._files[i], e)
+    raise ValueError(f"folder source: no decodable image file among {len(self._files)}.")
+
+
+def get_source(data_config: ml_collections.ConfigDict, split: str,
+               image_size: int) -> grain.sources.RandomAccessDataSource[Record]:
+  """Returns the random-access source named by `data_config.name` for `split`."""
+  name, channels = data_config.name, data_config.channels
+  if channels not in _PIL_MODES:
+    raise ValueError(f"data.channels={channels}; valid: 1 (grayscale), 3 (RGB).")
+  if name == "digits":
+    return DigitsSource(split, channels)
+  if name == "synthetic":
+    return SyntheticSource(split, image_size, channels, data_config.num_classes)
+  kind, _, arg = name.partition(":")
+  if kind == "tfds" and arg:
+    # '' or None both mean tfds' default data dir.
+    return TfdsSource(arg, split, data_config.tfds_data_dir or None, channels)
+  if kind == "folder" and arg:
+    return FolderSource(arg, split, channels, data_config.on_corrupt)
+  raise ValueError(f"Unknown data.name {name!r}; valid forms: {', '.join(VALID_NAMES)}.")

@@ -1,0 +1,1 @@
+"""Evaluators of a pretrained encoder: features, linear probe, reconstruction grids."""

@@ -1,0 +1,121 @@
+"""Masked Autoencoder (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners").
+
+The encoder sees only the visible patches; a narrow decoder fills in mask tokens and predicts
+pixels; the loss is the mean squared error on masked patches, optionally against per-patch
+normalised pixels (`norm_pix_loss`, which the paper finds improves representations, table 1c).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mim_jax import flops
+from mim_jax import masking
+from mim_jax.models import layers
+from mim_jax.models import vit
+from mim_jax.models.mae_decoder import MAEDecoder
+
+
+def patch_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
+  """Pixel targets per patch [B, N, p*p*C], normalised per patch when `norm_pix` (eps 1e-6 as in MAE)."""
+  target = layers.patchify(images.astype(jnp.float32), patch)
+  if norm_pix:
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over masked patches of the per-patch mean squared error."""
+  per_patch = ((pred.astype(jnp.float32) - target) ** 2).mean(-1)
+  return (per_patch * mask).sum() / mask.sum()
+
+
+class MAE(nn.Module):
+  """MAE on a ViT encoder. Randomness comes from the 'mask' rng stream."""
+  encoder: vit.ViT
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+  image_size: int
+  channels: int
+  mask_ratio: float = 0.75
+  mask_fn: str = "random"
+  norm_pix_loss: bool = True
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    side = self.image_size // self.encoder.patch
+    return (side, side)
+
+  def setup(self):
+    enc = self.encoder
+    self.decoder = MAEDecoder(
+        self.decoder_width, self.decoder_depth, self.decoder_heads, 4 * self.decoder_width,
+        self.grid, enc.patch * enc.patch * self.channels, enc.exact_gelu, enc.remat, enc.dtype,
+        enc.param_dtype, enc.attention_impl)
+
+  def predict(self, images: jax.Array) -> tuple[jax.Array, masking.Mask]:
+    """Draws a mask, encodes the visible patches and decodes every patch."""
+    mask = masking.get(self.mask_fn)(self.make_rng("mask"), images.shape[0], self.grid,
+                                     self.mask_ratio)
+    latent, _ = self.encoder(images, mask.ids_keep)
+    pred, _ = self.decoder(latent, mask.ids_restore)
+    return pred, mask
+
+  def __call__(self, images: jax.Array, *, train: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns (loss, metrics)."""
+    del train  # MAE has no dropout; kept for the method interface.
+    pred, mask = self.predict(images)
+    target = patch_targets(images, self.encoder.patch, self.norm_pix_loss)
+    loss = masked_mse(pred, target, mask.mask)
+    return loss, {"loss": loss}
+
+  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Encoder features of the full, unmasked image (for probes and k-NN)."""
+    _, aux = self.encoder(images)
+    return aux
+
+  def reconstruct(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Images for a reconstruction grid: the masked input, the prediction, and the prediction
+    pasted over the visible patches. With norm_pix_loss the prediction is un-normalised with the
+    true patch statistics, as MAE's visualisation does."""
+    pred, mask = self.predict(images)
+    patch = self.encoder.patch
+    target = layers.patchify(images.astype(jnp.float32), patch)
+    pred = pred.astype(jnp.float32)
+    if self.norm_pix_loss:
+      pred = pred * jnp.sqrt(target.var(-1, keepdims=True) + 1e-6) + target.mean(-1, keepdims=True)
+    m = mask.mask[..., None]
+    to_image = lambda p: layers.unpatchify(p, patch, self.grid, self.channels)
+    return {"masked": to_image(target * (1 - m)), "prediction": to_image(pred),
+            "pasted": to_image(target * (1 - m) + pred * m)}
+
+
+def build(config: ml_collections.ConfigDict, encoder: nn.Module) -> MAE:
+  m = config.method
+  return MAE(encoder=encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+             decoder_heads=m.decoder_heads, image_size=config.image_size,
+             channels=config.data.channels, mask_ratio=m.mask_ratio, mask_fn=m.mask,
+             norm_pix_loss=m.norm_pix_loss)
+
+
+def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
+  """Analytic training FLOPs of one image: patch embedding of all patches, the encoder on the
+  cls token plus the visible patches, the decoder on every position, times 3 for training."""
+  size, patch = vit.parse_variant(config.model.variant)
+  m = config.method
+  n = (config.image_size // patch) ** 2
+  visible = 1 + masking.num_visible(n, m.mask_ratio)
+  patch_dim = patch * patch * config.data.channels
+  forward = (flops.dense(n, patch_dim, size.width)
+             + flops.transformer(visible, size.width, size.depth, size.mlp_dim)
+             + flops.dense(visible, size.width, m.decoder_width)
+             + flops.transformer(n + 1, m.decoder_width, m.decoder_depth, 4 * m.decoder_width)
+             + flops.dense(n + 1, m.decoder_width, patch_dim))
+  return flops.TRAIN_MULTIPLIER * forward

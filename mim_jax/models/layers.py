@@ -1,0 +1,166 @@
+"""Building blocks shared by the image transformers: patch embedding, fixed 2D sin-cos position
+embeddings, pre-norm transformer blocks and the patchify helpers used by losses and decoders."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def sincos_posemb_2d(grid: tuple[int, int], dim: int, *, with_cls: bool = False) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding, shape [(1+)gh*gw, dim] (MAE, He et al. 2021, sec. A.1).
+
+  Half of the channels encode the row, half the column; each half is [sin, cos] of the
+  coordinate times frequencies 1/10000^(k/(dim/4)) as in "Attention is all you need". The cls
+  token, when present, gets a zero embedding. Computed in numpy: it is a constant, not a param.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+  gh, gw = grid
+  rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64),
+                           indexing="ij")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+  def encode(pos: np.ndarray) -> np.ndarray:
+    angles = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  emb = np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+  if with_cls:
+    emb = np.concatenate([np.zeros((1, dim), np.float32), emb], axis=0)
+  return emb
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order, pixels (py, px, c)."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: int) -> jax.Array:
+  """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
+  b = patches.shape[0]
+  gh, gw = grid
+  x = patches.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * patch, gw * patch, channels)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection, the strided conv of ViT written as patchify + matmul.
+
+  The kernel keeps the conv layout [p, p, C, D] so released conv weights load by a transpose,
+  but runs as one [B*N, p*p*C] x [p*p*C, D] matmul, which XLA's CPU backend runs faster than a
+  strided convolution.
+  """
+  patch: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    c = images.shape[-1]
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(),
+                        (self.patch, self.patch, c, self.width), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.width,), self.param_dtype)
+    x = patchify(images.astype(self.dtype), self.patch)
+    w = kernel.reshape(-1, self.width).astype(self.dtype)
+    return x @ w + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection.
+
+  `implementation` is passed to `jax.nn.dot_product_attention`: None lets JAX choose, 'cudnn'
+  asks for the fused flash kernel on GPU (bf16/fp16), 'xla' forces the plain einsum path.
+  """
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    if d % self.heads:
+      raise ValueError(f"width {d} is not divisible by heads {self.heads}")
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return dense(d, "proj")(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP. `exact_gelu` picks erf (the papers' PyTorch default) over tanh."""
+  hidden: int
+  exact_gelu: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    d = x.shape[-1]
+    x = nn.gelu(dense(self.hidden, "fc1")(x), approximate=not self.exact_gelu)
+    return dense(d, "fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  LayerNorm eps is 1e-6 as in ViT and MAE. Norm statistics are computed in float32 even when
+  the block computes in bf16.
+  """
+  heads: int
+  mlp_dim: int
+  exact_gelu: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    x = x + Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
+                      name="attn")(norm("norm1")(x))
+    x = x + Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
+                name="mlp")(norm("norm2")(x))
+    return x
+
+
+class Stack(nn.Module):
+  """`depth` transformer blocks named block_0 .. block_{depth-1}, optionally rematerialised.
+
+  Returns the output and a dict of every block's output, so evaluators can read any layer.
+  Unused intermediates cost nothing under jit: XLA removes them.
+  """
+  depth: int
+  heads: int
+  mlp_dim: int
+  exact_gelu: bool = True
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    block_cls = nn.remat(Block) if self.remat else Block
+    aux = {}
+    for i in range(self.depth):
+      x = block_cls(self.heads, self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
+                    self.attention_impl, name=f"block_{i}")(x)
+      aux[f"block_{i}"] = x
+    return x, aux

@@ -1,0 +1,79 @@
+"""Vision Transformer encoder (Dosovitskiy et al. 2021) with fixed 2D sin-cos position embeddings
+and a cls token, as used by MAE. It can encode only a subset of patches (`ids_keep`), which is
+where MAE's speed comes from: the encoder never sees mask tokens."""
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class VitSize:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+
+
+# Widths/depths/heads from ViT (Dosovitskiy et al. 2021, table 1) and DeiT (Ti, S).
+SIZES = {
+    "Ti": VitSize(192, 12, 3, 768),
+    "S": VitSize(384, 12, 6, 1536),
+    "B": VitSize(768, 12, 12, 3072),
+    "L": VitSize(1024, 24, 16, 4096),
+    "H": VitSize(1280, 32, 16, 5120),
+}
+
+
+def parse_variant(variant: str) -> tuple[VitSize, int]:
+  """'B/16' -> (SIZES['B'], 16). Raises ValueError naming the valid forms."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not match or match.group(1) not in SIZES:
+    raise ValueError(f"unknown ViT variant {variant!r}: expected <size>/<patch> with size in "
+                     f"{sorted(SIZES)} and an integer patch, e.g. 'B/16' or 'Ti/4'")
+  return SIZES[match.group(1)], int(match.group(2))
+
+
+class ViT(nn.Module):
+  """ViT encoder. Returns (tokens after the final norm, aux).
+
+  aux holds every block's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of
+  the normed patch tokens), the two features linear probes and fine-tuning read.
+  """
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  exact_gelu: bool = True
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b, h, w, _ = images.shape
+    grid = (h // self.patch, w // self.patch)
+    x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
+                          name="patch_embed")(images)
+    x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    # MAE gives the cls token a zero position embedding, so it is just the learned token.
+    cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+    x, aux = layers.Stack(self.depth, self.heads, self.mlp_dim, self.exact_gelu, self.remat,
+                          self.dtype, self.param_dtype, self.attention_impl, name="blocks")(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="norm")(x)
+    aux["cls"] = x[:, 0]
+    aux["gap"] = x[:, 1:].mean(axis=1)
+    return x, aux

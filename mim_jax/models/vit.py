@@ -23,6 +23,7 @@ class VitSize:
 
 # Widths/depths/heads from ViT (Dosovitskiy et al. 2021, table 1) and DeiT (Ti, S).
 SIZES = {
+    "Mu": VitSize(64, 2, 2, 256),  # Micro: not from a paper; for tests and CPU smoke runs.
     "Ti": VitSize(192, 12, 3, 768),
     "S": VitSize(384, 12, 6, 1536),
     "B": VitSize(768, 12, 12, 3072),

@@ -7,6 +7,7 @@ import ml_collections
 from mim_jax import masking
 from mim_jax import methods
 from mim_jax import models
+from mim_jax.data import pipeline
 from mim_jax.data import sources
 from mim_jax.models import vit
 
@@ -32,16 +33,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.batch_size <= 0 or config.batch_size % devices:
     raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of the "
                      f"number of devices ({devices})")
-  kind, _, arg = config.data.name.partition(":")
-  if config.data.name not in ("digits", "synthetic") and not (kind in ("tfds", "folder") and arg):
-    raise ValueError(f"unknown dataset {config.data.name!r}; valid forms: "
-                     f"{', '.join(sources.VALID_NAMES)}")
+  sources.check_name(config.data.name)
   if config.data.on_corrupt not in ("skip", "error"):
     raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {config.data.on_corrupt!r}")
-  for field in ("mean", "std"):
-    if len(config.data[field]) != config.data.channels:
-      raise ValueError(f"data.{field} has {len(config.data[field])} values but data.channels "
-                       f"is {config.data.channels}")
+  pipeline.check_channels(config)
   for field in ("total_steps", "log_every_steps"):
     if config[field] <= 0:
       raise ValueError(f"{field} must be positive, got {config[field]}")

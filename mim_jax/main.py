@@ -4,10 +4,12 @@
 
 The config is locked (a mistyped override fails) and validated before anything compiles. On a
 multi-process launch (a TPU pod, or SLURM/GPU hosts), JAX's distributed runtime is initialised
-first: set MIM_JAX_DISTRIBUTED=1 or pass --distributed; jax.distributed.initialize() then reads
-the coordinator and process ids from the cluster environment.
+first: set MIM_JAX_DISTRIBUTED=1 or pass --distributed, and jax.distributed.initialize() reads
+the coordinator and process ids from the cluster environment; or pass --coordinator_address,
+--num_processes and --process_id explicitly (several processes on one machine).
 """
 
+import logging as std_logging
 import os
 
 import jax
@@ -25,14 +27,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
                                "rerunning in the same workdir resumes.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("MIM_JAX_DISTRIBUTED") == "1",
                                  "Call jax.distributed.initialize() (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with "
+                                   "--num_processes and --process_id, where JAX cannot detect "
+                                   "them (e.g. several processes on one machine).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO lines from orbax, which logs every checkpoint phase, so progress stays readable."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    # CPU devices need an explicit cross-process collective implementation; accelerators
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   config_validation.validate(config)
   logging.info("config:\n%s", config)

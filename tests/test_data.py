@@ -2,6 +2,7 @@
 
 import io
 import pathlib
+import sys
 
 import ml_collections
 import numpy as np
@@ -297,7 +298,7 @@ def test_tfds_unprepared_dataset(tmp_path):
 
 def test_tfds_mock_data_mnist():
   # How trainer tests run on a named tfds dataset with no files: tfds.testing.mock_data.
-  config = make_config("tfds:mnist", channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+  config = make_config("tfds:mnist", channels=3)
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     batch = next(train_iterator(config, process_index=0, process_count=1))
     images, labels = eval_arrays(config, "test")
@@ -315,3 +316,8 @@ def test_unknown_name_lists_valid_forms():
   assert "'imagenet'" in message
   for form in ("digits", "synthetic", "tfds:<name>", "folder:<path>"):
     assert form in message
+
+
+def test_no_tensorflow_imported():
+  # Runs after the tests above, which exercised every source: none may pull in TensorFlow.
+  assert "tensorflow" not in sys.modules

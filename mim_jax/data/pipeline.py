@@ -10,7 +10,7 @@ from mim_jax.data import augment
 from mim_jax.data import sources
 
 
-def _check_channels(config: ml_collections.ConfigDict) -> None:
+def check_channels(config: ml_collections.ConfigDict) -> None:
   d = config.data
   if not len(d.mean) == len(d.std) == d.channels:
     raise ValueError(f"data.mean {d.mean} and data.std {d.std} need one value per channel "
@@ -32,7 +32,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
   if config.batch_size % process_count:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
                      f"processes ({process_count}).")
-  _check_channels(config)
+  check_channels(config)
   d = config.data
   source = sources.get_source(d, d.split, config.image_size)
   ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -64,7 +64,7 @@ def eval_arrays(config: ml_collections.ConfigDict, split: str,
 
   N is the split's size, or its first max_examples examples. Every process gets the same arrays.
   """
-  _check_channels(config)
+  check_channels(config)
   d = config.data
   ds = grain.MapDataset.source(sources.get_source(d, split, config.image_size))
   ds = ds[:max_examples].map(augment.EvalTransform(config.image_size, tuple(d.mean),

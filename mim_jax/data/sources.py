@@ -206,10 +206,18 @@ class FolderSource:
     raise ValueError(f"folder source: no decodable image file among {len(self._files)}.")
 
 
+def check_name(name: str) -> None:
+  """Raises ValueError unless `name` has one of the forms in VALID_NAMES."""
+  kind, _, arg = name.partition(":")
+  if name not in ("digits", "synthetic") and not (kind in ("tfds", "folder") and arg):
+    raise ValueError(f"Unknown data.name {name!r}; valid forms: {', '.join(VALID_NAMES)}.")
+
+
 def get_source(data_config: ml_collections.ConfigDict, split: str,
                image_size: int) -> grain.sources.RandomAccessDataSource[Record]:
   """Returns the random-access source named by `data_config.name` for `split`."""
   name, channels = data_config.name, data_config.channels
+  check_name(name)
   if channels not in _PIL_MODES:
     raise ValueError(f"data.channels={channels}; valid: 1 (grayscale), 3 (RGB).")
   if name == "digits":
@@ -217,9 +225,7 @@ def get_source(data_config: ml_collections.ConfigDict, split: str,
   if name == "synthetic":
     return SyntheticSource(split, image_size, channels, data_config.num_classes)
   kind, _, arg = name.partition(":")
-  if kind == "tfds" and arg:
+  if kind == "tfds":
     # '' or None both mean tfds' default data dir.
     return TfdsSource(arg, split, data_config.tfds_data_dir or None, channels)
-  if kind == "folder" and arg:
-    return FolderSource(arg, split, channels, data_config.on_corrupt)
-  raise ValueError(f"Unknown data.name {name!r}; valid forms: {', '.join(VALID_NAMES)}.")
+  return FolderSource(arg, split, channels, data_config.on_corrupt)

@@ -14,9 +14,11 @@ Dtype = Any
 def sincos_posemb_2d(grid: tuple[int, int], dim: int, *, with_cls: bool = False) -> np.ndarray:
   """Fixed 2D sin-cos position embedding, shape [(1+)gh*gw, dim] (MAE, He et al. 2021, sec. A.1).
 
-  Half of the channels encode the row, half the column; each half is [sin, cos] of the
-  coordinate times frequencies 1/10000^(k/(dim/4)) as in "Attention is all you need". The cls
-  token, when present, gets a zero embedding. Computed in numpy: it is a constant, not a param.
+  The first half of the channels encodes the column (x), the second half the row (y): the
+  order of MAE's released models, so imported weights see the positions they were trained with.
+  Each half is [sin, cos] of the coordinate times frequencies 1/10000^(k/(dim/4)) as in
+  "Attention is all you need". The cls token, when present, gets a zero embedding. Computed in
+  numpy: it is a constant, not a param.
   """
   if dim % 4:
     raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
@@ -29,7 +31,7 @@ def sincos_posemb_2d(grid: tuple[int, int], dim: int, *, with_cls: bool = False)
     angles = pos.reshape(-1)[:, None] * omega[None]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-  emb = np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+  emb = np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
   if with_cls:
     emb = np.concatenate([np.zeros((1, dim), np.float32), emb], axis=0)
   return emb

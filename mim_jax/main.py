@@ -9,6 +9,7 @@ the coordinator and process ids from the cluster environment; or pass --coordina
 --num_processes and --process_id explicitly (several processes on one machine).
 """
 
+import json
 import logging as std_logging
 import os
 
@@ -54,7 +55,9 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   config_validation.validate(config)
   logging.info("config:\n%s", config)
-  train.train_and_evaluate(config, _WORKDIR.value)
+  results = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print("final: " + json.dumps(results, sort_keys=True))
 
 
 if __name__ == "__main__":

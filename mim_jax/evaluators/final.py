@@ -34,9 +34,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
                                             max_examples=e.probe_max_examples)
     # The same initialisation the run started from, so the comparison isolates pretraining.
     random_params = jax.jit(init_fn)(init_rng).params
+    extract = features.FeatureExtractor(model, e.probe_feature, mesh, config.batch_size)
     for name, p in (("pretrained", params), ("random_init", random_params)):
-      feats = [features.extract(model, p, x, e.probe_feature, mesh, config.batch_size)
-               for x in (train_x, test_x)]
+      feats = [extract(p, x) for x in (train_x, test_x)]
       acc = linear_probe.fit_and_score(feats[0], train_y, feats[1], test_y,
                                        config.data.num_classes, steps=e.probe_steps)
       results[f"linear_probe/{name}"] = acc

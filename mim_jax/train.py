@@ -124,10 +124,18 @@ class PreemptionWatcher:
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None,
                   ckpt: checkpoint.Checkpointer) -> None:
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
+    # An async save of the last good state may still be in flight: let it commit before the
+    # error ends the process, or the checkpoint named below would be lost.
+    ckpt.wait()
     kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
             if last_saved else "no checkpoint was written")
     raise NonFiniteLossError(f"non-finite {bad} at step {step}; stopping: {kept}. Lower the "
@@ -175,6 +183,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: tuple[int, Any] | None = None
   last = {}
   window_start, window_steps = time.perf_counter(), 0
+
+  def check_and_log(logged_step: int, step_metrics, steps_done: int, force: bool) -> None:
+    """Checks one step's metrics, and logs them on log steps (and when `force`).
+    `steps_done`: steps completed since the last log, for the throughput."""
+    nonlocal last, window_start, window_steps
+    values = fetch(step_metrics)
+    _check_finite(logged_step, values, last_saved, ckpt)
+    if not (force or logged_step % config.log_every_steps == 0 or logged_step == start + 1):
+      return
+    elapsed = time.perf_counter() - window_start
+    # The first window includes compilation, so its rate would mislead.
+    rate = config.batch_size * steps_done / elapsed if logged_step > start + 1 else 0.0
+    values.update(lr=float(lr_fn(logged_step - 1)), images_per_sec=rate,
+                  mfu=rate * flops_per_image / peak)
+    eta = (config.total_steps - logged_step) * config.batch_size / rate if rate else 0.0
+    logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  MFU %.2f  ETA %s",
+                 logged_step, config.total_steps, values["loss"], values["lr"], rate,
+                 values["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+    writer.write(logged_step, values)
+    last = values
+    window_start, window_steps = time.perf_counter(), window_steps - steps_done
+
   step = start
   while step < config.total_steps:
     batch = next(iterator)
@@ -184,28 +214,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     window_steps += 1
 
     if pending is not None:
-      prev_step, prev_metrics = pending
-      values = fetch(prev_metrics)
-      _check_finite(prev_step, values, last_saved, ckpt)
-      if prev_step % config.log_every_steps == 0 or prev_step == start + 1:
-        elapsed = time.perf_counter() - window_start
-        # The first window includes compilation, so its rate would mislead.
-        rate = (config.batch_size * (window_steps - 1) / elapsed
-                if prev_step > start + 1 else 0.0)
-        values.update(lr=float(lr_fn(prev_step - 1)), images_per_sec=rate,
-                      mfu=rate * flops_per_image / peak)
-        eta = (config.total_steps - prev_step) * config.batch_size / rate if rate else 0.0
-        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  MFU %.2f  ETA %s",
-                     prev_step, config.total_steps, values["loss"], values["lr"], rate,
-                     values["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)))
-        writer.write(prev_step, values)
-        last = values
-        window_start, window_steps = time.perf_counter(), 1
+      # The step just dispatched is still running: it counts towards the next window.
+      check_and_log(*pending, steps_done=window_steps - 1, force=False)
     pending = (step, metrics)
 
     preempted = preemption.reached(step)
     if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
       _check_finite(step, fetch(metrics), last_saved, ckpt)  # never save a broken state
+      if not _all_finite(state.params):  # a finite loss, but the update that followed was not
+        _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
       ckpt.save(step, state, iterator)
       last_saved = step
     if preempted:
@@ -213,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       break
 
   if pending is not None:
-    _check_finite(pending[0], fetch(pending[1]), last_saved, ckpt)
+    # The last step (final or preempted) is always logged, so a resumed run's metrics.jsonl
+    # continues it without a gap.
+    check_and_log(*pending, steps_done=window_steps, force=True)
   ckpt.wait()
   ckpt.close()
   results = dict(last)
@@ -221,6 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from mim_jax.evaluators import final  # pylint: disable=g-import-not-at-top
     results.update(final.run(config, workdir, model, state.params, mesh,
                              make_init_fn(model, tx, config), init_rng))
-    writer.write(step, {k: v for k, v in results.items() if k not in last})
+    evals = {k: v for k, v in results.items() if k not in last}
+    if evals:
+      writer.write(step, evals)
   writer.close()
   return results

@@ -1,8 +1,8 @@
 """Where metrics go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event
 files in the workdir. Only process 0 writes; the others get a writer that does nothing.
 
-On resume, rows past the restored step are dropped from metrics.jsonl, so the file reads as one
-uninterrupted run.
+On resume, rows past the restored step are dropped from metrics.jsonl (and purged from
+TensorBoard's view), so both read as one uninterrupted run.
 """
 
 import json
@@ -22,7 +22,9 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._truncate_after(resume_step)
     self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # purge_step makes TensorBoard discard events a killed run wrote past the resumed step.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):

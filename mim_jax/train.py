@@ -56,18 +56,26 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
   return init
 
 
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rng: jax.Array
+                   ) -> tuple[Any, Any]:
+  """The train state's shapes, dtypes and shardings, without allocating anything.
+  Returns (tree of ShapeDtypeStruct with shardings, tree of shardings)."""
+  abstract = jax.eval_shape(make_init_fn(model, tx, config), rng)
+  shardings = sharding.state_shardings(abstract, mesh, config)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rng: jax.Array
                  ) -> tuple[TrainState, Any, Any]:
   """Parameters are born sharded: eval_shape, then shardings, then a jitted init placing each
   leaf straight into its sharding, so no host ever holds a full copy of an FSDP model.
   Returns (state, abstract state with shardings, shardings)."""
-  init = make_init_fn(model, tx, config)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(abstract, mesh, config)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  abstract, shardings = abstract_state(model, tx, config, mesh, rng)
+  state = jax.jit(make_init_fn(model, tx, config), out_shardings=shardings)(rng)
   return state, abstract, shardings
 
 
@@ -145,27 +153,33 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in workdir), then runs the final evals.
   Returns the last logged metrics and the eval results."""
+  # Installed first, so a preemption during start-up or compilation is not lost either.
+  preemption = PreemptionWatcher()
+
   # Mesh and input.
   mesh = sharding.make_mesh()
   iterator = pipeline.train_iterator(config)
 
-  # Model, optimizer and state, born sharded.
+  # Model and optimizer.
   model = methods.build(config)
   tx = optim.build(config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  state, abstract_state, state_shardings = create_state(model, tx, config, mesh, init_rng)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  abstract, state_shardings = abstract_state(model, tx, config, mesh, init_rng)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("model %s/%s: %.2fM parameters on %d devices (%d processes)",
                config.method.name, config.model.variant, num_params / 1e6, jax.device_count(),
                jax.process_count())
 
-  # Checkpoint: a run restarted in the same workdir resumes by itself.
+  # State: restored from the newest checkpoint in workdir (checked against the model before
+  # anything is compiled), or initialised born sharded.
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
   last_saved = ckpt.latest_step()
   if last_saved is not None:
-    state = ckpt.restore(last_saved, abstract_state, iterator)
+    state = ckpt.restore(last_saved, abstract, iterator)
     logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
+  else:
+    state = create_state(model, tx, config, mesh, init_rng)[0]
   start = int(state.step)
 
   train_step = make_train_step(model, tx, state_shardings, mesh)
@@ -174,7 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops_per_image = methods.train_flops_per_example(config)
   peak = flops.matmul_peak(jnp.dtype(config.model.dtype)) * jax.device_count()
   writer = MetricWriter(workdir, resume_step=start)
-  preemption = PreemptionWatcher()
 
   def fetch(step_metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -205,36 +218,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last = values
     window_start, window_steps = time.perf_counter(), window_steps - steps_done
 
-  step = start
-  while step < config.total_steps:
-    batch = next(iterator)
-    images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
-    state, metrics = train_step(state, images, train_rng)
-    step += 1
-    window_steps += 1
+  # Any exit from the loop, an error included, lets in-flight saves commit first.
+  try:
+    step = start
+    while step < config.total_steps:
+      batch = next(iterator)
+      images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
+      state, metrics = train_step(state, images, train_rng)
+      step += 1
+      window_steps += 1
+
+      if pending is not None:
+        # The step just dispatched is still running: it counts towards the next window.
+        check_and_log(*pending, steps_done=window_steps - 1, force=False)
+      pending = (step, metrics)
+
+      preempted = preemption.reached(step)
+      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+        _check_finite(step, fetch(metrics), last_saved, ckpt)  # never save a broken state
+        if not _all_finite(state.params):  # a finite loss, but the update that followed was not
+          _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
+        ckpt.save(step, state, iterator)
+        last_saved = step
+      if preempted:
+        logging.warning("stopped for preemption at step %d; rerun the same command to resume",
+                        step)
+        break
 
     if pending is not None:
-      # The step just dispatched is still running: it counts towards the next window.
-      check_and_log(*pending, steps_done=window_steps - 1, force=False)
-    pending = (step, metrics)
-
-    preempted = preemption.reached(step)
-    if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-      _check_finite(step, fetch(metrics), last_saved, ckpt)  # never save a broken state
-      if not _all_finite(state.params):  # a finite loss, but the update that followed was not
-        _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
-      ckpt.save(step, state, iterator)
-      last_saved = step
-    if preempted:
-      logging.warning("stopped for preemption at step %d; rerun the same command to resume", step)
-      break
-
-  if pending is not None:
-    # The last step (final or preempted) is always logged, so a resumed run's metrics.jsonl
-    # continues it without a gap.
-    check_and_log(*pending, steps_done=window_steps, force=True)
-  ckpt.wait()
-  ckpt.close()
+      # The last step (final or preempted) is always logged, so a resumed run's metrics.jsonl
+      # continues it without a gap.
+      check_and_log(*pending, steps_done=window_steps, force=True)
+  finally:
+    ckpt.wait()
+    ckpt.close()
   results = dict(last)
   if step >= config.total_steps:
     from mim_jax.evaluators import final  # pylint: disable=g-import-not-at-top

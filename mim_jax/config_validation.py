@@ -4,12 +4,10 @@ message naming the bad value and what would be valid, not after minutes of compi
 import jax
 import ml_collections
 
-from mim_jax import masking
 from mim_jax import methods
 from mim_jax import models
 from mim_jax.data import pipeline
 from mim_jax.data import sources
-from mim_jax.models import vit
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -17,18 +15,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.dtype(config.model.dtype)
   models.dtype(config.model.param_dtype)
   models.build_encoder(config)  # unknown model, variant, attention_impl
-  if config.method.name not in methods.names():
-    raise ValueError(f"unknown method {config.method.name!r}; valid: {methods.names()}")
-  masking.get(config.method.mask)
-  if config.method.name == "mae":
-    _, patch = vit.parse_variant(config.model.variant)
-    if config.image_size % patch:
-      raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
-                       f"{patch} of variant {config.model.variant!r}")
-    masking.num_visible((config.image_size // patch) ** 2, config.method.mask_ratio)
-    if config.method.decoder_width % config.method.decoder_heads:
-      raise ValueError(f"decoder_width {config.method.decoder_width} is not divisible by "
-                       f"decoder_heads {config.method.decoder_heads}")
+  methods.validate(config)  # unknown method, and what the method itself needs
   devices = jax.device_count()
   if config.batch_size <= 0 or config.batch_size % devices:
     raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of the "

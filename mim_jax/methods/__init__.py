@@ -1,20 +1,24 @@
 """Pretraining objectives, one file each, picked by `config.method.name`.
 
-A method is a flax module whose `__call__(images, train=...)` returns `(loss, metrics)` and that
-draws its own randomness from the 'mask' (and 'dropout') rng streams. It also offers
-`features(images) -> aux` for evaluators and `reconstruct(images) -> dict of images` for grids.
-The trainer knows nothing else about it.
+A method file defines three functions:
+  build(config) -> flax module whose `__call__(images, train=...)` returns `(loss, metrics)`,
+      drawing its randomness from the 'mask' (and 'dropout') rng streams. It also offers
+      `features(images) -> aux` for evaluators and, where it reconstructs pixels,
+      `reconstruct(images) -> dict of images` for the PNG grid;
+  train_flops_per_example(config) -> int, the analytic training FLOPs of one example;
+  validate(config) -> None, raising ValueError on a config the method cannot run.
+The trainer knows nothing else about a method.
 """
 
-import ml_collections
-import flax.linen as nn
+from types import ModuleType
 
-from mim_jax import models
+import flax.linen as nn
+import ml_collections
+
 from mim_jax.methods import mae
 
-# name -> (build(config, encoder) -> module, train_flops_per_example(config) -> int)
-_METHODS = {
-    "mae": (mae.build, mae.train_flops_per_example),
+_METHODS: dict[str, ModuleType] = {
+    "mae": mae,
 }
 
 
@@ -22,17 +26,20 @@ def names() -> list[str]:
   return sorted(_METHODS)
 
 
-def _get(config: ml_collections.ConfigDict):
-  if config.method.name not in _METHODS:
-    raise ValueError(f"unknown method {config.method.name!r}; valid: {names()}")
-  return _METHODS[config.method.name]
+def get(name: str) -> ModuleType:
+  if name not in _METHODS:
+    raise ValueError(f"unknown method {name!r}; valid: {names()}")
+  return _METHODS[name]
 
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
-  """The method module for `config`, around the encoder `config.model` names."""
-  return _get(config)[0](config, models.build_encoder(config))
+  return get(config.method.name).build(config)
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Analytic training FLOPs per example, counted from the architecture."""
-  return _get(config)[1](config)
+  return get(config.method.name).train_flops_per_example(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  get(config.method.name).validate(config)

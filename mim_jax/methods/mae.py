@@ -14,6 +14,7 @@ import ml_collections
 
 from mim_jax import flops
 from mim_jax import masking
+from mim_jax import models
 from mim_jax.models import layers
 from mim_jax.models import vit
 from mim_jax.models.mae_decoder import MAEDecoder
@@ -97,9 +98,24 @@ class MAE(nn.Module):
             "pasted": to_image(target * (1 - m) + pred * m)}
 
 
-def build(config: ml_collections.ConfigDict, encoder: nn.Module) -> MAE:
+def validate(config: ml_collections.ConfigDict) -> None:
+  if config.model.name != "vit":
+    raise ValueError(f"MAE drops masked tokens, which needs model.name 'vit', got "
+                     f"{config.model.name!r}")
+  _, patch = vit.parse_variant(config.model.variant)
+  if config.image_size % patch:
+    raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
+                     f"{patch} of variant {config.model.variant!r}")
+  masking.num_visible((config.image_size // patch) ** 2, config.method.mask_ratio)
+  masking.get(config.method.mask)
+  if config.method.decoder_width % config.method.decoder_heads:
+    raise ValueError(f"decoder_width {config.method.decoder_width} is not divisible by "
+                     f"decoder_heads {config.method.decoder_heads}")
+
+
+def build(config: ml_collections.ConfigDict) -> MAE:
   m = config.method
-  return MAE(encoder=encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+  return MAE(encoder=models.build_encoder(config), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
              decoder_heads=m.decoder_heads, image_size=config.image_size,
              channels=config.data.channels, mask_ratio=m.mask_ratio, mask_fn=m.mask,
              norm_pix_loss=m.norm_pix_loss)

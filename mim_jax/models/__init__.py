@@ -1,4 +1,10 @@
-"""Encoders, picked by `config.model.name`. Each returns `(output, aux)`."""
+"""Encoders, picked by `config.model.name`. Each returns `(output, aux)`, aux holding named
+intermediates ('block_i', pooled features) that evaluators read.
+
+An encoder file defines `build(config) -> flax module`; register it in `_BUILDERS`.
+"""
+
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -9,9 +15,13 @@ from mim_jax.models import vit
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "vit": vit.build,
+}
+
 
 def names() -> list[str]:
-  return ["vit"]
+  return sorted(_BUILDERS)
 
 
 def dtype(name: str):
@@ -20,14 +30,14 @@ def dtype(name: str):
   return DTYPES[name]
 
 
+def attention_impl(name: str) -> str | None:
+  """Config value -> `jax.nn.dot_product_attention` implementation (None lets JAX choose)."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {name!r}; valid: {ATTENTION_IMPLS}")
+  return None if name == "auto" else name
+
+
 def build_encoder(config: ml_collections.ConfigDict) -> nn.Module:
-  m = config.model
-  if m.name != "vit":
-    raise ValueError(f"unknown model {m.name!r}; valid: {names()}")
-  if m.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention_impl {m.attention_impl!r}; valid: {ATTENTION_IMPLS}")
-  size, patch = vit.parse_variant(m.variant)
-  return vit.ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
-                 exact_gelu=m.exact_gelu, remat=m.remat, dtype=dtype(m.dtype),
-                 param_dtype=dtype(m.param_dtype),
-                 attention_impl=None if m.attention_impl == "auto" else m.attention_impl)
+  if config.model.name not in _BUILDERS:
+    raise ValueError(f"unknown model {config.model.name!r}; valid: {names()}")
+  return _BUILDERS[config.model.name](config)

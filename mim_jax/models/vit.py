@@ -9,7 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from mim_jax import models
 from mim_jax.models import layers
 
 
@@ -78,3 +80,12 @@ class ViT(nn.Module):
     aux["cls"] = x[:, 0]
     aux["gap"] = x[:, 1:].mean(axis=1)
     return x, aux
+
+
+def build(config: ml_collections.ConfigDict) -> ViT:
+  m = config.model
+  size, patch = parse_variant(m.variant)
+  return ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
+             exact_gelu=m.exact_gelu, remat=m.remat, dtype=models.dtype(m.dtype),
+             param_dtype=models.dtype(m.param_dtype),
+             attention_impl=models.attention_impl(m.attention_impl))

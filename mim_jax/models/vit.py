@@ -46,6 +46,12 @@ def parse_variant(variant: str) -> tuple[VitSize, int]:
 class ViT(nn.Module):
   """ViT encoder. Returns (tokens after the final norm, aux).
 
+  Two ways to hide patches, for the two families of masked modeling:
+    ids_keep [B, k]: encode only these patches (MAE); the others are dropped.
+    token_mask [B, N] (1 = masked): every patch is encoded, masked ones replaced by a learned
+      mask token before the position embedding is added (SimMIM, CRATE-MAE).
+  `posemb='none'` leaves out position embeddings (position prediction needs that).
+
   aux holds every block's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of
   the normed patch tokens), the two features linear probes and fine-tuning read.
   """
@@ -59,15 +65,24 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
+  posemb: str = "sincos"
 
   @nn.compact
-  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if self.posemb not in ("sincos", "none"):
+      raise ValueError(f"unknown posemb {self.posemb!r}; valid: 'sincos', 'none'")
     b, h, w, _ = images.shape
     grid = (h // self.patch, w // self.patch)
     x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
                           name="patch_embed")(images)
-    x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
+    if token_mask is not None:
+      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
+                              self.param_dtype)
+      m = token_mask[..., None].astype(self.dtype)
+      x = x * (1 - m) + mask_token.astype(self.dtype) * m
+    if self.posemb == "sincos":
+      x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
     if ids_keep is not None:
       x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
     # MAE gives the cls token a zero position embedding, so it is just the learned token.

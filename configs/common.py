@@ -1,0 +1,105 @@
+"""Config parts shared by every experiment family: the ':arg' parser, run length in epochs,
+and the data, optimizer, sharding, checkpoint and eval sections.
+
+A family's config file (configs/mae_vit.py, configs/crate_mae.py, ...) builds its model and
+method sections itself and takes the rest from here, passing the values its paper prescribes.
+The fields and their meaning are the trainer's contract; each is commented once, here.
+"""
+
+import ml_collections
+
+# Training-set sizes, to turn a paper's epochs into steps.
+TRAIN_EXAMPLES = {"tfds:imagenet2012": 1_281_167, "digits": 1500}
+RGB_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as MAE and its family normalise inputs.
+RGB_STD = (0.229, 0.224, 0.225)
+
+
+def parse_arg(arg: str | None, known: set[str]) -> dict[str, str]:
+  """'variant=B/16,runlocal' -> {'variant': 'B/16', 'runlocal': ''} (big_vision style).
+  Raises ValueError on a key outside `known`, naming the valid keys."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in known:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; valid: {sorted(known)}")
+    out[key] = value
+  return out
+
+
+def parse_decoder(spec: str) -> tuple[int, int]:
+  """'8x512' -> (8, 512)."""
+  depth, _, width = spec.partition("x")
+  if not (depth.isdigit() and width.isdigit()):
+    raise ValueError(f"decoder must be <depth>x<width>, e.g. 8x512, got {spec!r}")
+  return int(depth), int(width)
+
+
+def steps_per_epoch(data: str, batch_size: int) -> int:
+  """Steps in one pass over the training set (ImageNet-1k's size for sources of unknown size)."""
+  return max(1, TRAIN_EXAMPLES.get(data, 1_281_167) // batch_size)
+
+
+def data_config(name: str) -> ml_collections.ConfigDict:
+  """The input pipeline: source, splits, channels and MAE's augmentation."""
+  digits = name == "digits"
+  d = ml_collections.ConfigDict()
+  d.name = name                  # digits | synthetic | tfds:<name> | folder:<path>
+  d.split = "train"
+  d.eval_split = "test" if digits else "validation"
+  d.channels = 1 if digits else 3
+  d.num_classes = 10 if digits else 1000
+  d.crop_scale = (0.2, 1.0)      # MAE's RandomResizedCrop area range.
+  d.crop_ratio = (3 / 4, 4 / 3)
+  d.hflip = not digits           # Digits are not mirror-symmetric.
+  d.mean = (0.5,) if digits else RGB_MEAN
+  d.std = (0.5,) if digits else RGB_STD
+  d.on_corrupt = "error"         # folder sources: 'error' stops on an undecodable file,
+                                 # 'skip' counts it.
+  d.tfds_data_dir = ""           # '' = tfds default (~/tensorflow_datasets).
+  d.num_workers = 0              # grain worker processes; 0 reads in the training process.
+  return d
+
+
+def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.95,
+                 weight_decay: float = 0.05, lr_batch_base: int = 256, min_lr: float = 0.0,
+                 grad_clip_norm: float = 0.0) -> ml_collections.ConfigDict:
+  """AdamW with linear warmup then cosine decay. The defaults are MAE's recipe (He et al.
+  2021, table 8): (0.9, 0.95), weight decay 0.05, no gradient clipping."""
+  o = ml_collections.ConfigDict()
+  o.base_lr = base_lr            # Peak lr = base_lr * batch_size / lr_batch_base.
+  o.lr_batch_base = lr_batch_base
+  o.b1 = b1
+  o.b2 = b2
+  o.weight_decay = weight_decay  # Not applied to biases, norms, cls and mask tokens.
+  o.warmup_steps = warmup_steps
+  o.min_lr = min_lr              # Final lr of the cosine decay.
+  o.grad_clip_norm = grad_clip_norm  # Global-norm clipping; 0 disables.
+  return o
+
+
+def sharding_config() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.fsdp = False                 # Shard large parameters and optimizer state over devices.
+  s.fsdp_min_size = 2 ** 14      # Parameters with fewer elements stay replicated.
+  return s
+
+
+def checkpoint_config(runlocal: bool) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every_steps = 200 if runlocal else 1000
+  c.keep = 3                     # Newest checkpoints kept.
+  c.async_save = True
+  return c
+
+
+def eval_config(runlocal: bool, *, probe_feature: str = "cls",
+                reconstruction_png: bool = True) -> ml_collections.ConfigDict:
+  """Evaluations at the end of training (mim_jax/evaluators/final.py)."""
+  e = ml_collections.ConfigDict()
+  e.linear_probe = runlocal      # At the end: probe the pretrained encoder vs random init.
+  e.probe_feature = probe_feature  # Which aux feature of the encoder the probe reads (cls | gap).
+  e.probe_steps = 500
+  e.probe_max_examples = 10_000
+  e.reconstruction_png = reconstruction_png  # At the end: originals / masked / reconstructions.
+  e.num_png_images = 8
+  return e

@@ -444,3 +444,13 @@ def test_bf16_compute_keeps_f32_params_and_f32_loss():
   assert float(loss) != float(f32_loss)
   assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
+
+
+def test_cpu_friendly_gelu_and_attention_match_jax_reference():
+  """layers.gelu and layers.dot_product_attention are rewritten for XLA CPU speed; the math
+  must stay that of jax.nn.gelu(approximate=False) and jax.nn.dot_product_attention."""
+  x = jax.random.normal(jax.random.key(0), (4096,)) * 4
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 3, 16)) for i in range(3))
+  np.testing.assert_allclose(layers.dot_product_attention(q, k, v),
+                             jax.nn.dot_product_attention(q, k, v), atol=1e-6)

@@ -74,6 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.mask = "random"       # A generator in mim_jax/masking.py.
   c.method.mask_ratio = 0.75     # MAE sec. 4, fig. 5.
   c.method.norm_pix_loss = True  # MAE table 1d (per-patch normalised pixel targets).
+  # False: the encoder sees only the visible patches (MAE). True: it sees every patch, masked
+  # ones replaced by a learned mask token (SimMIM style): MAE tables 1c and 2 find that less
+  # accurate and several times slower.
+  c.method.encoder_mask_tokens = False
   c.method.decoder_depth = decoder_depth
   c.method.decoder_width = decoder_width
   c.method.decoder_heads = max(1, decoder_width // 32)  # 512 -> 16 heads, as in the paper.

@@ -2,18 +2,21 @@ r"""Throughput and MFU of the real train step, on a fixed synthetic batch alread
 
   python -m mim_jax.bench \
       --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128 \
-      [--config.model.exact_gelu=False] [--steps=20] [--warmup=3]
+      [--config.model.exact_gelu=False] [--steps=20] [--warmup=5]
 
 The mesh, model, optimizer, state and jitted step are the trainer's own (train.create_state,
 train.make_train_step, state donated), so the number is what training gets minus the input
-pipeline. Prints one JSON line: the config args, devices, images_per_sec, step_ms, compile_s,
-train_flops_per_image (analytic, from the architecture), achieved_flops_per_sec,
-peak_flops_per_sec (measured matmul peak on the same backend and compute dtype, times the
-device count), mfu, and xla_flops_per_image (compiled.cost_analysis(), a cross-check: XLA
-reports per device, so it is scaled by the device count here).
+pipeline. On CPU the command first re-executes itself with the trainer's malloc settings
+(mim_jax/malloc.py). Prints one JSON line: the config argument and overrides, devices,
+images_per_sec, step_ms, compile_s (lower + compile), train_flops_per_image (analytic, from the
+architecture), achieved_flops_per_sec, peak_flops_per_sec (flops.matmul_peak on the same backend
+and compute dtype, times the device count), mfu, xla_flops_per_image (compiled.cost_analysis(),
+a cross-check: XLA counts per device, scaled here by the device count) and
+page_faults_per_step (host minor faults, the cost malloc.py removes).
 """
 
 import json
+import resource
 import sys
 import time
 
@@ -25,6 +28,7 @@ from ml_collections import config_flags
 
 from mim_jax import config_validation
 from mim_jax import flops
+from mim_jax import malloc
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
@@ -33,7 +37,8 @@ from mim_jax import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                           "configs/mae_vit.py:variant=Ti/4.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation; the first few "
+                               "still grow the heap (see page_faults_per_step).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -47,6 +52,7 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  malloc.reexec_for_cpu()
   config = _CONFIG.value
   config_validation.validate(config)
 
@@ -67,11 +73,13 @@ def main(argv: list[str]) -> None:
   for _ in range(_WARMUP.value):
     state, metrics = compiled(state, images, train_rng)
   jax.block_until_ready((state, metrics))
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     state, metrics = compiled(state, images, train_rng)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / _STEPS.value
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
   devices = jax.device_count()
   images_per_sec = config.batch_size / step_s
@@ -89,6 +97,7 @@ def main(argv: list[str]) -> None:
       "xla_flops_per_image": _xla_flops(compiled) * devices / config.batch_size,
       "achieved_flops_per_sec": achieved, "peak_flops_per_sec": peak,
       "mfu": round(achieved / peak, 4),
+      "page_faults_per_step": faults // _STEPS.value,
   }))
 
 

@@ -5,9 +5,11 @@ backward computes two matmuls per forward one). XLA's cost_analysis() is a cross
 counts a scan body once, includes remat recompute and reports per device under sharding.
 """
 
+import math
 import time
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 TRAIN_MULTIPLIER = 3
@@ -28,20 +30,66 @@ def transformer(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
   return depth * per_block
 
 
-def matmul_peak(dtype: jnp.dtype = jnp.float32, size: int | None = None, repeats: int = 5) -> float:
-  """Measured FLOP/s of one device on a large square matmul: the ceiling MFU is reported against.
+def crate_encoder(tokens: int, width: int, depth: int) -> int:
+  """Forward FLOPs of `depth` CRATE layers (models/crate.py) on one sequence.
+
+  Per layer: MSSA's U and output projection (d^2 each per token) and its two n^2 d products;
+  ISTA's D z and D^T (z - D z) (d^2 each per token). Norms, softmax and ReLU are left out.
+  """
+  per_layer = (2 * dense(tokens, width, width) + 2 * 2 * tokens * tokens * width
+               + 2 * dense(tokens, width, width))
+  return depth * per_layer
+
+
+def crate_decoder(tokens: int, width: int, depth: int) -> int:
+  """Forward FLOPs of `depth` CRATE-MAE decoding layers: D (d^2 per token), then MSSA."""
+  per_layer = (dense(tokens, width, width) + 2 * dense(tokens, width, width)
+               + 2 * 2 * tokens * tokens * width)
+  return depth * per_layer
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """FLOPs of every dot_general in a traced program (a Jaxpr or ClosedJaxpr from
+  jax.make_jaxpr), sub-programs included: an independent check of the analytic counts.
+  2 * (output size) * (contracted size) per matmul; a scan body is counted once."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+          total += jaxpr_matmul_flops(sub)
+  return total
+
+
+def matmul_peak(dtype: jnp.dtype = jnp.float32, sizes: tuple[int, ...] | None = None,
+                repeats: int = 5) -> float:
+  """Measured FLOP/s of one device on square matmuls: the ceiling MFU is reported against.
 
   Using a measured peak rather than a datasheet number keeps MFU meaningful on CPUs, where the
-  achievable peak depends on the core count, the vector units and the BLAS XLA links.
+  achievable peak depends on the core count, the vector units and the BLAS XLA links. It is the
+  best over several sizes, each timed over enough back-to-back calls to last ~20 ms: which size
+  runs fastest depends on the caches and the kernel's tiling (on a 2-core CPU, 512-1536 reach
+  ~210 GFLOP/s where 2048 reaches ~185), and a ceiling measured too low would inflate MFU.
   """
   device = jax.devices()[0]
-  size = size or (2048 if device.platform == "cpu" else 8192)
-  a = jax.device_put(jnp.ones((size, size), dtype), device)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()  # compile and warm up
-  best = float("inf")
-  for _ in range(repeats):
+  sizes = sizes or ((512, 1024, 1536, 2048) if device.platform == "cpu" else (4096, 8192))
+  best = 0.0
+  for size in sizes:
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()  # compile and warm up
     start = time.perf_counter()
     matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+    calls = max(1, math.ceil(0.02 / (time.perf_counter() - start)))
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = matmul(a)
+      out.block_until_ready()
+      best = max(best, 2 * size ** 3 * calls / (time.perf_counter() - start))
+  return best

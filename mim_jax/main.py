@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mim_jax import config_validation
+from mim_jax import malloc
 from mim_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> None:
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    malloc.reexec_for_cpu()  # a single CPU process: keep step temporaries mapped (malloc.py)
   config = _CONFIG.value
   config_validation.validate(config)
   logging.info("config:\n%s", config)

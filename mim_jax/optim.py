@@ -9,7 +9,8 @@ import optax
 
 # Parameters that take no weight decay (MAE follows the common practice of not decaying norms,
 # biases, position embeddings and tokens): anything of rank <= 1, plus these names.
-_NO_DECAY = re.compile(r"(^|/)(cls|mask_token|pos_embedding)$")
+# Swin's relative position bias tables are excluded too, as in Swin's and SimMIM's code.
+_NO_DECAY = re.compile(r"(^|/)(cls|mask_token|pos_embedding|relative_position_bias_table)$")
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -36,3 +37,37 @@ def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx
+
+
+# Layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE fine-tuning, He et al. 2021,
+# sec. A.1): the embeddings get the smallest lr, each block a little more, the head the full lr.
+_LAYER_0 = re.compile(r"(^|/)(patch_embed|cls|mask_token|pos_embedding)(/|$)")
+_BLOCK = re.compile(r"(^|/)block_(\d+)/")
+
+
+def layer_id(name: str, depth: int) -> int:
+  """A ViT parameter's layer for lr decay: 0 for the patch embedding and the cls / mask tokens,
+  i + 1 for block_i, depth + 1 for what follows the blocks (final norm, fc_norm, head)."""
+  if _LAYER_0.search(name):
+    return 0
+  match = _BLOCK.search(name)
+  return int(match.group(2)) + 1 if match else depth + 1
+
+
+def layer_decay_scales(params, depth: int, decay: float) -> object:
+  """The lr multiplier of every parameter: decay ** (depth + 1 - layer_id)."""
+  def scale(path, leaf) -> float:
+    del leaf
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return decay ** (depth + 1 - layer_id(name, depth))
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_layer_decay(depth: int, decay: float) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its `layer_decay_scales` factor. Chained after AdamW
+  it scales the whole step, weight decay included, as a per-layer learning rate does."""
+  def scale(updates, params):
+    del params
+    scales = layer_decay_scales(updates, depth, decay)
+    return jax.tree.map(lambda u, s: u * s, updates, scales)  # s is a Python float: weakly typed
+  return optax.stateless(scale)

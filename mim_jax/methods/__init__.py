@@ -15,10 +15,18 @@ from types import ModuleType
 import flax.linen as nn
 import ml_collections
 
+from mim_jax.methods import cae
+from mim_jax.methods import crate_mae
 from mim_jax.methods import mae
+from mim_jax.methods import position
+from mim_jax.methods import simmim
 
 _METHODS: dict[str, ModuleType] = {
+    "cae": cae,
+    "crate_mae": crate_mae,
     "mae": mae,
+    "position": position,
+    "simmim": simmim,
 }
 
 

@@ -2,10 +2,13 @@
 
 The encoder sees only the visible patches; a narrow decoder fills in mask tokens and predicts
 pixels; the loss is the mean squared error on masked patches, optionally against per-patch
-normalised pixels (`norm_pix_loss`, which the paper finds improves representations, table 1c).
-"""
+normalised pixels (`norm_pix_loss`, which the paper finds improves representations, table 1d).
 
-from typing import Any
+`encoder_mask_tokens` instead feeds the encoder every patch, masked ones replaced by its learned
+mask token (SimMIM style, MAE table 1c "w/ [M]"), and the decoder takes all its outputs. It is
+there to measure what dropping tokens saves, and it is CRATE-MAE's pipeline
+(methods/crate_mae.py builds this module with a CRATE encoder and decoder).
+"""
 
 import flax.linen as nn
 import jax
@@ -21,11 +24,12 @@ from mim_jax.models.mae_decoder import MAEDecoder
 
 
 def patch_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
-  """Pixel targets per patch [B, N, p*p*C], normalised per patch when `norm_pix` (eps 1e-6 as in MAE)."""
+  """Pixel targets per patch [B, N, p*p*C], normalised per patch when `norm_pix`: eps 1e-6 and
+  the unbiased variance (n - 1 in the denominator), as MAE's code computes it (torch's var)."""
   target = layers.patchify(images.astype(jnp.float32), patch)
   if norm_pix:
     mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
   return target
 
@@ -37,42 +41,44 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
 
 
 class MAE(nn.Module):
-  """MAE on a ViT encoder. Randomness comes from the 'mask' rng stream."""
-  encoder: vit.ViT
-  decoder_width: int
-  decoder_depth: int
-  decoder_heads: int
+  """A masked autoencoder: an encoder (ViT, CRATE: anything taking `ids_keep` / `token_mask`
+  and exposing `.patch`) and a decoder mapping its output, plus `ids_restore` when the encoder
+  saw only the visible patches, to per-patch pixels. Randomness comes from the 'mask' stream."""
+  encoder: nn.Module
+  decoder: nn.Module
   image_size: int
   channels: int
   mask_ratio: float = 0.75
   mask_fn: str = "random"
   norm_pix_loss: bool = True
+  encoder_mask_tokens: bool = False
 
   @property
   def grid(self) -> tuple[int, int]:
     side = self.image_size // self.encoder.patch
     return (side, side)
 
-  def setup(self):
-    enc = self.encoder
-    self.decoder = MAEDecoder(
-        self.decoder_width, self.decoder_depth, self.decoder_heads, 4 * self.decoder_width,
-        self.grid, enc.patch * enc.patch * self.channels, enc.exact_gelu, enc.remat, enc.dtype,
-        enc.param_dtype, enc.attention_impl)
-
-  def predict(self, images: jax.Array) -> tuple[jax.Array, masking.Mask]:
-    """Draws a mask, encodes the visible patches and decodes every patch."""
-    mask = masking.get(self.mask_fn)(self.make_rng("mask"), images.shape[0], self.grid,
-                                     self.mask_ratio)
-    latent, _ = self.encoder(images, mask.ids_keep)
-    pred, _ = self.decoder(latent, mask.ids_restore)
+  def predict(self, images: jax.Array, mask: masking.Mask | None = None
+              ) -> tuple[jax.Array, masking.Mask]:
+    """Draws a mask (unless one is given), encodes (the visible patches, or all with mask
+    tokens) and decodes every patch."""
+    if mask is None:
+      mask = masking.get(self.mask_fn)(self.make_rng("mask"), images.shape[0], self.grid,
+                                       self.mask_ratio)
+    if self.encoder_mask_tokens:
+      latent, _ = self.encoder(images, token_mask=mask.mask)
+      pred, _ = self.decoder(latent)
+    else:
+      latent, _ = self.encoder(images, mask.ids_keep)
+      pred, _ = self.decoder(latent, mask.ids_restore)
     return pred, mask
 
-  def __call__(self, images: jax.Array, *, train: bool = True
+  def __call__(self, images: jax.Array, *, train: bool = True, mask: masking.Mask | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns (loss, metrics)."""
+    """Returns (loss, metrics). `mask` replaces the drawn one (to compare with another
+    implementation on the same mask)."""
     del train  # MAE has no dropout; kept for the method interface.
-    pred, mask = self.predict(images)
+    pred, mask = self.predict(images, mask)
     target = patch_targets(images, self.encoder.patch, self.norm_pix_loss)
     loss = masked_mse(pred, target, mask.mask)
     return loss, {"loss": loss}
@@ -91,7 +97,8 @@ class MAE(nn.Module):
     target = layers.patchify(images.astype(jnp.float32), patch)
     pred = pred.astype(jnp.float32)
     if self.norm_pix_loss:
-      pred = pred * jnp.sqrt(target.var(-1, keepdims=True) + 1e-6) + target.mean(-1, keepdims=True)
+      pred = (pred * jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+              + target.mean(-1, keepdims=True))
     m = mask.mask[..., None]
     to_image = lambda p: layers.unpatchify(p, patch, self.grid, self.channels)
     return {"masked": to_image(target * (1 - m)), "prediction": to_image(pred),
@@ -115,19 +122,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def build(config: ml_collections.ConfigDict) -> MAE:
   m = config.method
-  return MAE(encoder=models.build_encoder(config), decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-             decoder_heads=m.decoder_heads, image_size=config.image_size,
+  encoder = models.build_encoder(config)
+  side = config.image_size // encoder.patch
+  decoder = MAEDecoder(
+      m.decoder_width, m.decoder_depth, m.decoder_heads, 4 * m.decoder_width, (side, side),
+      encoder.patch * encoder.patch * config.data.channels, encoder.exact_gelu, encoder.remat,
+      encoder.dtype, encoder.param_dtype, encoder.attention_impl)
+  return MAE(encoder=encoder, decoder=decoder, image_size=config.image_size,
              channels=config.data.channels, mask_ratio=m.mask_ratio, mask_fn=m.mask,
-             norm_pix_loss=m.norm_pix_loss)
+             norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens)
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Analytic training FLOPs of one image: patch embedding of all patches, the encoder on the
-  cls token plus the visible patches, the decoder on every position, times 3 for training."""
+  cls token plus the visible patches (every patch with encoder_mask_tokens), the decoder on
+  every position, times 3 for training."""
   size, patch = vit.parse_variant(config.model.variant)
   m = config.method
   n = (config.image_size // patch) ** 2
-  visible = 1 + masking.num_visible(n, m.mask_ratio)
+  visible = n + 1 if m.encoder_mask_tokens else 1 + masking.num_visible(n, m.mask_ratio)
   patch_dim = patch * patch * config.data.channels
   forward = (flops.dense(n, patch_dim, size.width)
              + flops.transformer(visible, size.width, size.depth, size.mlp_dim)

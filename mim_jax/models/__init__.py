@@ -10,12 +10,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax.models import crate
+from mim_jax.models import swin
 from mim_jax.models import vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "crate": crate.build,
+    "swin": swin.build,
     "vit": vit.build,
 }
 

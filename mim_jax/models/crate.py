@@ -1,0 +1,268 @@
+"""CRATE, the white-box transformer of Yu et al. 2023 ("White-Box Transformers via Sparse Rate
+Reduction"), and the decoder of CRATE-MAE (Pai et al. 2023, "Masked Completion via Structured
+Diffusion with White-Box Transformers").
+
+Each encoder layer is one step of alternating minimisation of the sparse rate reduction:
+  z_half = z + MSSA(LN(z))           compression against K subspaces (one per head)
+  z_next = ISTA(LN(z_half))          one proximal-gradient step towards a sparse code
+  MSSA(z) = W_out [SSA(z | U_1); ...; SSA(z | U_K)] + b_out,
+  SSA(z | U_k) = softmax((U_k^T z)^T (U_k^T z) / sqrt(d_head)) applied to U_k^T z,
+i.e. one bias-free projection U per head is query, key and value at once.
+  ISTA(z) = ReLU(z + eta D^T (z - D z) - eta lambda)
+with a square (complete) dictionary D, eta = 0.1 and lambda = 0.1 (Yu et al.'s ISTA
+block and the released code), and no residual connection around it. The ReLU is the non-negative
+soft-threshold. D^T (z - D z) equals the released code's D^T z - D^T D z with one matmul fewer.
+
+The CRATE-MAE decoder layer approximately inverts an encoder layer (Pai et al.; the
+released crate_ae decoder):
+  y = D LN(x),   x_next = y - MSSA(LN(y)).
+
+Layout: `D` is stored as [out, in], so D z is `z @ D.T` on row-vector tokens, the layout of
+the released PyTorch weights. Norms inside layers use eps 1e-5 (PyTorch's default, as in the
+released layers); the final norm 1e-6, as CRATE-MAE's.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mim_jax import models
+from mim_jax.models import layers
+from mim_jax.models import mae_decoder
+
+Dtype = Any
+LAYER_NORM_EPS = 1e-5
+FINAL_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class CrateSize:
+  width: int
+  depth: int
+  heads: int
+
+
+# Yu et al. 2023, table 1 (head dim = width / heads). micro is not from the paper: it is for
+# tests and CPU smoke runs.
+SIZES = {
+    "micro": CrateSize(64, 2, 2),
+    "tiny": CrateSize(384, 12, 6),
+    "small": CrateSize(576, 12, 12),
+    "base": CrateSize(768, 12, 12),
+    "large": CrateSize(1024, 24, 16),
+}
+
+
+def parse_variant(variant: str) -> tuple[CrateSize, int]:
+  """'base/16' -> (SIZES['base'], 16). Raises ValueError naming the valid forms."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not match or match.group(1) not in SIZES or int(match.group(2)) < 1:
+    raise ValueError(f"unknown CRATE variant {variant!r}: expected <size>/<patch> with size in "
+                     f"{sorted(SIZES)} and a positive integer patch, e.g. 'base/16' or 'tiny/4'")
+  return SIZES[match.group(1)], int(match.group(2))
+
+
+def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+def _dictionary(module: nn.Module, width: int) -> jax.Array:
+  """The square dictionary D [out, in]. Kaiming-uniform, as the released code initialises it
+  (bound sqrt(6 / width))."""
+  d = module.param("dictionary", nn.initializers.he_uniform(), (width, width),
+                   module.param_dtype)
+  return d.astype(module.dtype)
+
+
+class MSSA(nn.Module):
+  """Multi-head subspace self-attention: per head one bias-free U as q = k = v, then an output
+  projection with bias."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    b, n, d = z.shape
+    if d % self.heads:
+      raise ValueError(f"width {d} is not divisible by heads {self.heads}")
+    w = _dense(d, "u", self.dtype, self.param_dtype, use_bias=False)(z)
+    w = w.reshape(b, n, self.heads, d // self.heads)
+    # Scale 1/sqrt(head dim), softmax over keys: the released code's attention.
+    out = jax.nn.dot_product_attention(w, w, w, implementation=self.implementation)
+    return _dense(d, "proj", self.dtype, self.param_dtype)(out.reshape(b, n, d))
+
+
+class ISTA(nn.Module):
+  """One ISTA step with a complete dictionary: ReLU(z + eta D^T (z - D z) - eta lambda)."""
+  eta: float = 0.1
+  lam: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    d = _dictionary(self, z.shape[-1])
+    residual = z - z @ d.T                 # z - D z
+    return nn.relu(z + self.eta * (residual @ d) - self.eta * self.lam)
+
+
+class CrateLayer(nn.Module):
+  """z' = ISTA(LN(z + MSSA(LN(z))))."""
+  heads: int
+  eta: float = 0.1
+  lam: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    z = z + MSSA(self.heads, self.dtype, self.param_dtype, self.attention_impl,
+                 name="mssa")(norm("norm1")(z))
+    return ISTA(self.eta, self.lam, self.dtype, self.param_dtype, name="ista")(norm("norm2")(z))
+
+
+class CrateDecoderLayer(nn.Module):
+  """CRATE-MAE's decoding layer: y = D LN(x), then x' = y - MSSA(LN(y))."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    y = norm("norm1")(x) @ _dictionary(self, x.shape[-1]).T
+    return y - MSSA(self.heads, self.dtype, self.param_dtype, self.attention_impl,
+                    name="mssa")(norm("norm2")(y))
+
+
+class Crate(nn.Module):
+  """CRATE encoder. Returns (tokens after the final norm, aux), like `vit.ViT`.
+
+  Patches are embedded, a cls token is prepended, fixed 2D sin-cos position embeddings are
+  added (the cls token's is zero), then `depth` CRATE layers and a LayerNorm. As in ViT:
+    ids_keep [B, k]: encode only these patches (the others are dropped);
+    token_mask [B, N] (1 = masked): every patch is encoded, masked ones replaced by a learned
+      mask token before the position embedding is added (CRATE-MAE's reference code).
+  `patch_norm` wraps the patch projection in LayerNorms (LN, linear, LN), the tokenizer of the
+  supervised CRATE code; CRATE-MAE's is the plain projection (False).
+
+  aux: every layer's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of the
+  normed patch tokens).
+  """
+  width: int
+  depth: int
+  heads: int
+  patch: int
+  ista_eta: float = 0.1
+  ista_lambda: float = 0.1
+  patch_norm: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  posemb: str = "sincos"
+
+  @nn.compact
+  def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if self.posemb not in ("sincos", "none"):
+      raise ValueError(f"unknown posemb {self.posemb!r}; valid: 'sincos', 'none'")
+    b, h, w, _ = images.shape
+    grid = (h // self.patch, w // self.patch)
+    x = self._embed(images)
+    if token_mask is not None:
+      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
+                              self.param_dtype)
+      m = token_mask[..., None].astype(self.dtype)
+      x = x * (1 - m) + mask_token.astype(self.dtype) * m
+    if self.posemb == "sincos":
+      x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+    layer_cls = nn.remat(CrateLayer) if self.remat else CrateLayer
+    aux = {}
+    for i in range(self.depth):
+      x = layer_cls(self.heads, self.ista_eta, self.ista_lambda, self.dtype, self.param_dtype,
+                    self.attention_impl, name=f"block_{i}")(x)
+      aux[f"block_{i}"] = x
+    x = nn.LayerNorm(epsilon=FINAL_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="norm")(x)
+    aux["cls"] = x[:, 0]
+    aux["gap"] = x[:, 1:].mean(axis=1)
+    return x, aux
+
+  def _embed(self, images: jax.Array) -> jax.Array:
+    if not self.patch_norm:
+      return layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
+                               name="patch_embed")(images)
+    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    x = layers.patchify(images.astype(self.dtype), self.patch)
+    x = _dense(self.width, "patch_embed", self.dtype, self.param_dtype)(norm("patch_norm_in")(x))
+    return norm("patch_norm_out")(x)
+
+
+class CrateDecoder(nn.Module):
+  """CRATE-MAE's decoder: `depth` decoding layers at the encoder's width, a LayerNorm and a
+  linear prediction of each patch's pixels. Maps [B, 1+N, D] to [B, N, out_dim].
+
+  With `ids_restore` the encoder saw only the visible patches ([B, 1+k, D], a faster option the
+  paper does not have): a learned mask token is put at every masked position and fixed sin-cos
+  position embeddings are added, as MAE's decoder does. Without it the encoder saw every
+  position (the paper's pipeline) and the tokens go straight into the layers, which is what
+  the reference code does.
+  """
+  depth: int
+  heads: int
+  grid: tuple[int, int]
+  out_dim: int
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = latent
+    width = x.shape[-1]
+    if ids_restore is not None:
+      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, width),
+                              self.param_dtype)
+      x = mae_decoder.insert_mask_tokens(x, mask_token.astype(self.dtype), ids_restore)
+      x = x + jnp.asarray(layers.sincos_posemb_2d(self.grid, width, with_cls=True),
+                          self.dtype)[None]
+    layer_cls = nn.remat(CrateDecoderLayer) if self.remat else CrateDecoderLayer
+    aux = {}
+    for i in range(self.depth):
+      x = layer_cls(self.heads, self.dtype, self.param_dtype, self.attention_impl,
+                    name=f"block_{i}")(x)
+      aux[f"block_{i}"] = x
+    x = nn.LayerNorm(epsilon=FINAL_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="norm")(x)
+    pred = _dense(self.out_dim, "pred", self.dtype, self.param_dtype)(x)
+    return pred[:, 1:], aux
+
+
+def build(config: ml_collections.ConfigDict) -> Crate:
+  m = config.model
+  size, patch = parse_variant(m.variant)
+  return Crate(size.width, size.depth, size.heads, patch, ista_eta=m.ista_eta,
+               ista_lambda=m.ista_lambda, patch_norm=m.patch_norm, remat=m.remat,
+               dtype=models.dtype(m.dtype), param_dtype=models.dtype(m.param_dtype),
+               attention_impl=models.attention_impl(m.attention_impl))

@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine:
-#   make demo   MAE pretraining on the embedded digits, then a linear probe and a reconstruction PNG
+#   make demo   MAE pretraining on the embedded digits, then k-NN, linear-probe and few-shot
+#               accuracies (pretrained / random init / pixels), a reconstruction PNG and curves
 #   make test   the test suite (pytest on CPU JAX, 8 fake devices)
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +19,8 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(PY) -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=$(DEMO_DIR)
-	@echo "reconstruction grid: $(DEMO_DIR)/reconstruction.png   metrics: $(DEMO_DIR)/metrics.jsonl"
+	$(PY) -m mim_jax.tools.plot --workdir=$(DEMO_DIR)
+	@echo "reconstruction grid: $(DEMO_DIR)/reconstruction.png   curves: $(DEMO_DIR)/plots/   metrics: $(DEMO_DIR)/metrics.jsonl"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "vit"
   c.model.variant = args.get("variant", "Ti/4" if runlocal else "B/16")
   c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
+  c.model.posemb = "sincos"      # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
   c.model.remat = False          # Rematerialise blocks (encoder, regressor, decoder).
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
@@ -108,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.08, 1.0)  # CAE's RandomResizedCrop (--crop_min_size 0.08).
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)
-  c.eval = common.eval_config(runlocal, probe_feature="cls", reconstruction_png=True)
+  c.eval = common.eval_config(runlocal, feature="cls", reconstruction_png=True)
 
   if runlocal:
     # A 4x4 patch grid (16 px, patch 4), 8 of 16 masked: BEiT's blocks of >= 16 patches cannot

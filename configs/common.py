@@ -92,14 +92,62 @@ def checkpoint_config(runlocal: bool) -> ml_collections.ConfigDict:
   return c
 
 
-def eval_config(runlocal: bool, *, probe_feature: str = "cls",
+def eval_config(runlocal: bool, *, feature: str = "cls",
                 reconstruction_png: bool = True) -> ml_collections.ConfigDict:
-  """Evaluations at the end of training (mim_jax/evaluators/final.py)."""
+  """Evaluations of the encoder (mim_jax/evaluators/): every `every_steps` during pretraining,
+  at its end next to the baselines, and on a checkpoint with --mode=eval.
+
+  `feature` is the default of every evaluator's `feature`, a spec of
+  mim_jax/evaluators/features.py: 'cls' or 'gap' (the final normed output's cls token or mean
+  patch token), '<cls|gap>@block_<i>' (block i's pre-norm output; i = -1 is the last block) or
+  'pixels'. runlocal (digits) enables every evaluator and baseline, with a small probe batch.
+  """
   e = ml_collections.ConfigDict()
-  e.linear_probe = runlocal      # At the end: probe the pretrained encoder vs random init.
-  e.probe_feature = probe_feature  # Which aux feature of the encoder the probe reads (cls | gap).
-  e.probe_steps = 500
-  e.probe_max_examples = 10_000
+  e.every_steps = 0              # Run the enabled evaluators on the params every N steps of
+                                 # pretraining (metrics.jsonl, TensorBoard); 0 = only at the end.
+  e.baselines = ("random_init", "pixels") if runlocal else ()  # At the end (and --mode=eval),
+                                 # also evaluate the encoder at its random init and raw pixels.
+  e.init_from = ""               # --mode=eval: params to evaluate: a workdir, an MAE .pth or an
+                                 # .npz ('' = the newest checkpoint in --workdir).
+  e.max_examples = 10_000        # First N examples of each split; 0 = all. Images and features
+                                 # are held in memory: this suite is for small datasets.
+
+  # Weighted k-NN (Wu et al. 2018; k = 20 as in DINO, Caron et al. 2021): evaluators/knn.py.
+  e.knn = ml_collections.ConfigDict()
+  e.knn.enabled = runlocal
+  e.knn.feature = feature
+  e.knn.k = 20
+  e.knn.temperature = 0.07       # Votes weigh exp(cosine similarity / temperature).
+  e.knn.chunk = 256              # Test rows per jitted similarity call.
+
+  # Linear probe on frozen features, BatchNorm (no affine) + linear head: evaluators/
+  # linear_probe.py. The defaults are MAE's ImageNet recipe (He et al. 2021, table 10): LARS,
+  # base lr 0.1, momentum 0.9, weight decay 0, batch 16384, 90 epochs, 10 warmup, cosine.
+  p = e.linear_probe = ml_collections.ConfigDict()
+  p.enabled = runlocal
+  p.feature = feature
+  # lars | sgd (with momentum). LARS's trust ratio (0.001 x weight norm / gradient norm)
+  # barely moves a head in the few hundred steps of a small dataset: runlocal uses SGD.
+  p.optimizer = "sgd" if runlocal else "lars"
+  p.base_lr = 0.1                # Peak lr = base_lr * batch_size / lr_batch_base.
+  p.lr_batch_base = 256
+  p.momentum = 0.9
+  p.weight_decay = 0.0
+  p.batch_size = 256 if runlocal else 16384  # Capped at the training set's size.
+  p.epochs = 90
+  p.warmup_epochs = 10
+  p.seed = 0                     # Head init and shuffling.
+
+  # Few-shot linear evaluation (closed-form ridge onto +-1 targets, big_vision style):
+  # evaluators/few_shot.py.
+  f = e.few_shot = ml_collections.ConfigDict()
+  f.enabled = runlocal
+  f.feature = feature
+  f.shots = (1, 5, 10, 25)       # Training examples per class; one result each.
+  f.l2_regs = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # Ridge strengths; picked per n
+                                 # by leave-one-out error (1-shot: the largest n's pick).
+  f.seed = 0                     # Which examples are drawn.
+
   e.reconstruction_png = reconstruction_png  # At the end: originals / masked / reconstructions.
   e.num_png_images = 8
   return e

@@ -108,5 +108,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = common.checkpoint_config(runlocal)
   # The probe reads the mean patch token: the cls token's output is never reconstructed, so the
   # objective shapes it only through attention (on digits at 32 px: cls 0.91, gap 0.96).
-  c.eval = common.eval_config(runlocal, probe_feature="gap", reconstruction_png=True)
+  c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=True)
   return c

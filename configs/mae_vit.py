@@ -12,10 +12,11 @@ Run on a laptop CPU in about a minute (embedded digits, tiny ViT):
 
   python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae_local
 
-Expected (Ti/4 at 16 px, 275 steps): the loss falls from about 2.3 to about 0.77, and the linear
-probe on the cls feature is about 0.92 for the pretrained encoder, level with the same encoder at
-random init: a run this short barely moves a linear probe (the paper's needs hundreds of ImageNet
-epochs), and with a 10x larger lr the probe drops to about 0.81 while the loss looks the same.
+Expected (Ti/4 at 16 px, 275 steps): the loss falls from about 2.1 to about 0.73. Top-1 on the
+297 test digits, cls feature, for the pretrained encoder / the same encoder at random init / raw
+pixels: k-NN 0.63 / 0.56 / 0.98, linear probe 0.89 / 0.88 / 0.97, 10-shot 0.87 / 0.83 / 0.88.
+Pretraining this short moves the encoder a little past its random init; pixels, on 8x8 digits,
+remain the stronger features (the paper's gains need hundreds of ImageNet epochs).
 
 The argument after ':' is a comma-separated list (big_vision style):
   variant=<Ti|S|B|L|H>/<patch>   encoder size and patch, e.g. B/16, H/14, Ti/4 (default B/16)
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "vit"
   c.model.variant = args.get("variant", "Ti/4" if runlocal else "B/16")
   c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
+  c.model.posemb = "sincos"      # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
   c.model.remat = False          # Rematerialise blocks to save accelerator memory.
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
@@ -87,5 +89,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = common.data_config(data)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)
-  c.eval = common.eval_config(runlocal, probe_feature="cls", reconstruction_png=True)
+  c.eval = common.eval_config(runlocal, feature="cls", reconstruction_png=True)
   return c

@@ -89,5 +89,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = common.checkpoint_config(runlocal)
   # The cls token gets no position target, so the probe reads the mean patch feature ('gap');
   # MP3 predicts positions, not pixels, so there is no reconstruction grid.
-  c.eval = common.eval_config(runlocal, probe_feature="gap", reconstruction_png=False)
+  c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=False)
   return c

@@ -106,5 +106,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)
   # SimMIM trains no cls token: probes read the mean of the final tokens.
-  c.eval = common.eval_config(runlocal, probe_feature="gap", reconstruction_png=True)
+  c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=True)
   return c

@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "vit"
   c.model.variant = args.get("variant", "Mu/4" if runlocal else "B/16")
   c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
+  c.model.posemb = "sincos"      # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
   c.model.remat = False          # Rematerialise blocks to save accelerator memory.
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
@@ -89,5 +90,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)
   # SimMIM trains no cls output: probes read the mean of the patch tokens.
-  c.eval = common.eval_config(runlocal, probe_feature="gap", reconstruction_png=True)
+  c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=True)
   return c

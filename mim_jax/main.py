@@ -1,6 +1,11 @@
 """Command-line entry point.
 
   python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae
+  python -m mim_jax.main --mode=eval --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae
+
+--mode picks what runs: pretrain (mim_jax/train.py, the default), eval (the evaluators on the
+newest checkpoint in --workdir or on config.eval.init_from: mim_jax/evaluators/standalone.py) or
+finetune (mim_jax/finetune.py).
 
 The config is locked (a mistyped override fails) and validated before anything compiles. On a
 multi-process launch (a TPU pod, or SLURM/GPU hosts), JAX's distributed runtime is initialised
@@ -34,6 +39,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "them (e.g. several processes on one machine).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "eval", "finetune"],
+                          "pretrain: train (and resume) in --workdir; eval: run the evaluators "
+                          "on saved params; finetune: fine-tune a pretrained encoder.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,7 +66,14 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   config_validation.validate(config)
   logging.info("config:\n%s", config)
-  results = train.train_and_evaluate(config, _WORKDIR.value)
+  if _MODE.value == "eval":
+    from mim_jax.evaluators import standalone  # pylint: disable=g-import-not-at-top
+    results = standalone.run(config, _WORKDIR.value)
+  elif _MODE.value == "finetune":
+    from mim_jax import finetune  # pylint: disable=g-import-not-at-top
+    results = finetune.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    results = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
     print("final: " + json.dumps(results, sort_keys=True))
 

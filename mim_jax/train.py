@@ -24,6 +24,7 @@ from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax.data import pipeline
+from mim_jax.evaluators import suite
 from mim_jax.metric_writer import MetricWriter
 
 
@@ -79,20 +80,18 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation,
   return state, abstract, shardings
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_shardings: Any,
-                    mesh: jax.sharding.Mesh):
-  """The jitted step: loss and gradients, optimizer update, scalar metrics. The state is
-  donated so its buffers are reused in place. Randomness is fold_in(rng, step), so a resumed
-  run draws the same masks without saving any rng state."""
+def make_step(loss_fn, tx: optax.GradientTransformation, state_shardings: Any,
+              mesh: jax.sharding.Mesh):
+  """A jitted step for any `loss_fn(params, batch, rng) -> (loss, metrics)`: loss and
+  gradients, optimizer update, scalar metrics. `batch` is an array or a dict of arrays, each
+  split over the data axis. The state is donated so its buffers are reused in place.
+  Randomness is fold_in(rng, step), so a resumed run draws the same masks without saving any
+  rng state. (Pretraining and fine-tuning, mim_jax/finetune.py, share it.)"""
 
-  def step_fn(state: TrainState, images: jax.Array, rng: jax.Array):
+  def step_fn(state: TrainState, batch: Any, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-      return model.apply({"params": params}, images, train=True,
-                         rngs={"mask": step_rng, "dropout": jax.random.fold_in(step_rng, 1)})
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                       step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -101,6 +100,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(state_shardings, repl), donate_argnums=0)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_shardings: Any,
+                    mesh: jax.sharding.Mesh):
+  """The pretraining step: the method's (loss, metrics) on a batch of images."""
+
+  def loss_fn(params, images: jax.Array, step_rng: jax.Array):
+    return model.apply({"params": params}, images, train=True,
+                       rngs={"mask": step_rng, "dropout": jax.random.fold_in(step_rng, 1)})
+
+  return make_step(loss_fn, tx, state_shardings, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops_per_image = methods.train_flops_per_example(config)
   peak = flops.matmul_peak(jnp.dtype(config.model.dtype)) * jax.device_count()
   writer = MetricWriter(workdir, resume_step=start)
+  eval_suite = suite.Suite(config, model, mesh)  # the evaluators config.eval enables
 
   def fetch(step_metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -240,6 +251,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
         ckpt.save(step, state, iterator)
         last_saved = step
+      if eval_suite.due(step) and not preempted:  # periodic evals: config.eval.every_steps
+        _check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
+        eval_start = time.perf_counter()
+        writer.write(step, eval_suite.run(state.params, "pretrained"))
+        window_start += time.perf_counter() - eval_start  # not counted against img/s
       if preempted:
         logging.warning("stopped for preemption at step %d; rerun the same command to resume",
                         step)

@@ -22,7 +22,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
        "--config=configs/mae_vit.py:variant=Mu/4,decoder=1x32,data=digits,image_size=16,"
        "batch_size=16", f"--workdir={tmp_path}", "--config.total_steps=6",
        "--config.log_every_steps=2", "--config.checkpoint.every_steps=3",
-       "--config.eval.linear_probe=False", "--config.eval.reconstruction_png=False",
+       "--config.eval.linear_probe.enabled=False", "--config.eval.reconstruction_png=False",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

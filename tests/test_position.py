@@ -105,9 +105,10 @@ def test_loss_falls_and_position_accuracy_rises_on_digits(trainer, digits):
         (4 * m["position_accuracy_context"] + 12 * m["position_accuracy_hidden"]) / 16, abs=1e-6)
 
   # The linear-probe path: features() of the full image, with no 'mask' rng needed.
-  extract = features.FeatureExtractor(trainer.model, trainer.config.eval.probe_feature,
-                                      mesh_of(jax.devices()[:1]), trainer.config.batch_size)
-  feats = extract(state.params, np.concatenate(digits[:2])[:20])
+  spec = trainer.config.eval.linear_probe.feature
+  extract = features.FeatureExtractor(trainer.model, [spec], mesh_of(jax.devices()[:1]),
+                                      trainer.config.batch_size)
+  feats = extract(state.params, np.concatenate(digits[:2])[:20])[spec]
   assert feats.shape == (20, 64) and np.isfinite(feats).all()
 
 
@@ -271,9 +272,9 @@ def test_paper_recipe_in_config():
   o = config.optim
   assert (o.b1, o.b2, o.weight_decay, o.base_lr, o.lr_batch_base) == (0.9, 0.999, 0.05, 5e-4, 512)
   assert config.total_steps == 60 * o.warmup_steps  # 300 epochs, 5 of warmup
-  assert not config.eval.reconstruction_png and config.eval.probe_feature == "gap"
+  assert not config.eval.reconstruction_png and config.eval.linear_probe.feature == "gap"
   local = position_vit.get_config("runlocal")
-  assert local.data.name == "digits" and local.eval.linear_probe
+  assert local.data.name == "digits" and local.eval.linear_probe.enabled
   config_validation.validate(local)
 
 

@@ -333,7 +333,7 @@ def test_paper_recipes_in_configs():
   assert (o.b1, o.b2, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.999, 0.05, 5.0, 1e-5)
   assert float(optim.learning_rate(c)(o.warmup_steps)) == pytest.approx(8e-4)
   assert c.total_steps == 10 * o.warmup_steps
-  assert c.data.crop_scale == (0.67, 1.0) and c.eval.probe_feature == "gap"
+  assert c.data.crop_scale == (0.67, 1.0) and c.eval.linear_probe.feature == "gap"
   v = simmim_vit.get_config()
   assert (v.model.variant, v.image_size, v.method.mask_patch) == ("B/16", 224, 32)
   assert float(optim.learning_rate(v)(v.optim.warmup_steps)) == pytest.approx(4e-4)

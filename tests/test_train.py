@@ -39,7 +39,7 @@ ARG = "variant=Mu/4,decoder=1x32,data=digits,image_size=16,batch_size=16"
 # Every run logs every step; base_lr is raised from the paper's 1.5e-4 so that 100 steps at
 # batch 16 visibly train (peak lr = 1e-2 * 16 / 256 = 6.25e-4).
 COMMON = {"log_every_steps": 1, "optim.warmup_steps": 5, "optim.base_lr": 1e-2,
-          "eval.linear_probe": False, "eval.reconstruction_png": False}
+          "eval.linear_probe.enabled": False, "eval.reconstruction_png": False}
 REF_STEPS = 100
 REF = {**COMMON, "total_steps": REF_STEPS, "checkpoint.every_steps": 10}
 PEAK_LR = 1e-2 * 16 / 256

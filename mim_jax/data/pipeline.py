@@ -1,5 +1,7 @@
 """grain pipelines: the infinite, checkpointable train iterator and whole-split eval arrays."""
 
+from typing import Iterator
+
 from absl import flags
 import grain
 import jax
@@ -56,6 +58,20 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return iter(it_ds)
+
+
+def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (images, labels) of a whole split in order, `batch_size` at a time (the last batch
+  may be smaller), resized without augmentation as in `eval_arrays`, but never holding more
+  than a batch: for splits too large for memory (ImageNet's validation set is 30 GB as
+  float32 at 224 px). Every process gets the same batches."""
+  check_channels(config)
+  d = config.data
+  ds = grain.MapDataset.source(sources.get_source(d, split, config.image_size))
+  ds = ds.map(augment.EvalTransform(config.image_size, tuple(d.mean), tuple(d.std)))
+  for batch in ds.batch(batch_size, drop_remainder=False).to_iter_dataset():
+    yield batch["image"], batch["label"].astype(np.int32)
 
 
 def eval_arrays(config: ml_collections.ConfigDict, split: str,

@@ -262,7 +262,8 @@ def reconstruction_images(images: jax.Array, prediction: dict, patch: int, norm_
   pred = prediction["pixels"].astype(jnp.float32)
   if norm_pix:
     masked = jnp.take_along_axis(target, ids[..., None], axis=1)
-    pred = pred * jnp.sqrt(masked.var(-1, keepdims=True) + 1e-6) + masked.mean(-1, keepdims=True)
+    pred = (pred * jnp.sqrt(masked.var(-1, keepdims=True, ddof=1) + 1e-6)  # as patch_targets
+            + masked.mean(-1, keepdims=True))
   full = jnp.zeros_like(target).at[jnp.arange(b)[:, None], ids].set(pred)
   m = prediction["mask"].mask[..., None]
   to_image = lambda x: layers.unpatchify(x, patch, (h // patch, w // patch), c)

@@ -144,11 +144,23 @@ class Mlp(nn.Module):
     return dense(d, "fc2")(x)
 
 
+def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth (Huang et al. 2016), per sample: each example's residual branch `x`
+  [B, ...] is zeroed with probability `rate`, and kept ones are scaled by 1 / (1 - rate), so
+  the expectation is `x`."""
+  if rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
   LayerNorm eps is 1e-6 as in ViT and MAE. Norm statistics are computed in float32 even when
-  the block computes in bf16.
+  the block computes in bf16. `drop_path` > 0 drops each residual branch per sample (stochastic
+  depth, as in DeiT and MAE fine-tuning), drawing from the 'dropout' rng; 0 (the default, and
+  what evaluation uses) is the plain block. It adds no parameters.
   """
   heads: int
   mlp_dim: int
@@ -156,15 +168,18 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    x = x + Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                      name="attn")(norm("norm1")(x))
-    x = x + Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
-                name="mlp")(norm("norm2")(x))
+    branch = lambda y: (stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+                        if self.drop_path > 0 else y)
+    x = x + branch(Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
+                             name="attn")(norm("norm1")(x)))
+    x = x + branch(Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
+                       name="mlp")(norm("norm2")(x)))
     return x
 
 
@@ -173,6 +188,9 @@ class Stack(nn.Module):
 
   Returns the output and a dict of every block's output, so evaluators can read any layer.
   Unused intermediates cost nothing under jit: XLA removes them.
+
+  `drop_path` is the stochastic-depth rate of the last block; block i gets
+  drop_path * i / (depth - 1), rising linearly from 0 (the DeiT/MAE schedule).
   """
   depth: int
   heads: int
@@ -182,13 +200,15 @@ class Stack(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     block_cls = nn.remat(Block) if self.remat else Block
     aux = {}
     for i in range(self.depth):
+      rate = self.drop_path * i / max(1, self.depth - 1)
       x = block_cls(self.heads, self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
-                    self.attention_impl, name=f"block_{i}")(x)
+                    self.attention_impl, rate, name=f"block_{i}")(x)
       aux[f"block_{i}"] = x
     return x, aux

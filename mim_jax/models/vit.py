@@ -15,6 +15,9 @@ from mim_jax import models
 from mim_jax.models import layers
 
 
+POSEMBS = ("sincos", "learned", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class VitSize:
   width: int
@@ -44,16 +47,28 @@ def parse_variant(variant: str) -> tuple[VitSize, int]:
 
 
 class ViT(nn.Module):
-  """ViT encoder. Returns (tokens after the final norm, aux).
+  """ViT encoder. Returns (tokens, after the final norm unless final_norm=False; aux).
 
   Two ways to hide patches, for the two families of masked modeling:
     ids_keep [B, k]: encode only these patches (MAE); the others are dropped.
     token_mask [B, N] (1 = masked): every patch is encoded, masked ones replaced by a learned
       mask token before the position embedding is added (SimMIM, CRATE-MAE).
-  `posemb='none'` leaves out position embeddings (position prediction needs that).
+  Position embeddings (`posemb`), added to the patches only (MAE gives cls none):
+    'sincos': fixed 2D sin-cos (MAE's pretraining), not a parameter;
+    'learned': a parameter 'pos_embedding' [1, N, D] initialised to the sin-cos table (MAE's
+      fine-tuning learns its position embeddings from the pretrained ones); it is tied to the
+      patch grid, and mim_jax/pretrained.py resamples it for another resolution;
+    'none': no position embeddings (position prediction needs that).
 
   aux holds every block's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of
   the normed patch tokens), the two features linear probes and fine-tuning read.
+
+  Fine-tuning options (models/classifier.py sets them; the defaults are pretraining's encoder):
+    drop_path: stochastic-depth rate of the last block (layers.Stack), applied only when called
+      with train=True; it draws from the 'dropout' rng and adds no parameters.
+    final_norm=False leaves out the final LayerNorm (and its parameters): MAE's fine-tuning with
+      global average pooling normalises the pooled feature instead (its fc_norm). Then 'cls' and
+      'gap' in aux are read from the un-normed last block.
   """
   width: int
   depth: int
@@ -66,12 +81,15 @@ class ViT(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
   posemb: str = "sincos"
+  drop_path: float = 0.0
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
-               token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if self.posemb not in ("sincos", "none"):
-      raise ValueError(f"unknown posemb {self.posemb!r}; valid: 'sincos', 'none'")
+               token_mask: jax.Array | None = None, *, train: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"unknown posemb {self.posemb!r}; valid: {POSEMBS}")
     b, h, w, _ = images.shape
     grid = (h // self.patch, w // self.patch)
     x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
@@ -83,15 +101,23 @@ class ViT(nn.Module):
       x = x * (1 - m) + mask_token.astype(self.dtype) * m
     if self.posemb == "sincos":
       x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
+    elif self.posemb == "learned":
+      sincos = lambda _, shape, dtype: jnp.asarray(
+          layers.sincos_posemb_2d(grid, self.width)[None], dtype)
+      pos = self.param("pos_embedding", sincos, (1, grid[0] * grid[1], self.width),
+                       self.param_dtype)
+      x = x + pos.astype(self.dtype)
     if ids_keep is not None:
       x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
     # MAE gives the cls token a zero position embedding, so it is just the learned token.
     cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
     x, aux = layers.Stack(self.depth, self.heads, self.mlp_dim, self.exact_gelu, self.remat,
-                          self.dtype, self.param_dtype, self.attention_impl, name="blocks")(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(x)
+                          self.dtype, self.param_dtype, self.attention_impl,
+                          self.drop_path if train else 0.0, name="blocks")(x)
+    if self.final_norm:
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="norm")(x)
     aux["cls"] = x[:, 0]
     aux["gap"] = x[:, 1:].mean(axis=1)
     return x, aux
@@ -103,4 +129,4 @@ def build(config: ml_collections.ConfigDict) -> ViT:
   return ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
              exact_gelu=m.exact_gelu, remat=m.remat, dtype=models.dtype(m.dtype),
              param_dtype=models.dtype(m.param_dtype),
-             attention_impl=models.attention_impl(m.attention_impl))
+             attention_impl=models.attention_impl(m.attention_impl), posemb=m.posemb)

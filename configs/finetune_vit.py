@@ -1,0 +1,110 @@
+r"""End-to-end fine-tuning of a ViT for classification, MAE's recipe (He et al. 2021, "Masked
+Autoencoders Are Scalable Vision Learners", sec. A.1 and table 9).
+
+Run (the paper's ViT-B/16 ImageNet recipe: 100 epochs at batch 1024; on a GPU host or TPU pod),
+from a mim_jax pretraining workdir, an official MAE .pth or an exported .npz:
+
+  python -m mim_jax.main --mode=finetune \
+      --config=configs/finetune_vit.py:variant=B/16,data=tfds:imagenet2012,init_from=/tmp/mae_b16 \
+      --workdir=/tmp/mae_b16_finetune
+
+Expected: 83.6% top-1 on ImageNet-1k val from MAE's ViT-B/16 (MAE table 3; its released code
+reports 83.57 +- 0.08 over 4 seeds). ViT-L/16: 50 epochs, layer_decay 0.75, drop_path 0.2,
+base_lr 1e-3 for 85.9%.
+
+Run on a laptop CPU (embedded digits, Ti/4 at 16 px, the encoder of configs/mae_vit.py:runlocal):
+
+  python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae_rl
+  python -m mim_jax.main --mode=finetune \
+      --config=configs/finetune_vit.py:runlocal,init_from=/tmp/mae_rl --workdir=/tmp/mae_rl_ft
+
+Expected (Ti/4 at 16 px, 330 steps; about 4 minutes each on a shared 2-core CPU, start-up
+included): top-1 on the digits test split 0.95 from the runlocal MAE encoder and 0.39 from random
+init with the same recipe (the ViT from scratch stays at chance for about 110 steps). A linear
+probe of either encoder gives about 0.92.
+
+Deliberate simplification: the train augmentation is the pipeline's RandomResizedCrop (area 0.08
+to 1 on ImageNet, timm's default that MAE's fine-tuning uses) and horizontal flip, without MAE's
+RandAugment (9, 0.5) and random erasing (0.25). The paper's number was reached with them, so
+expect to land somewhat below it on ImageNet (MAE's fine-tuning notes put random erasing's effect
+within seed noise; RandAugment's is not reported there).
+
+The argument after ':' is a comma-separated list (big_vision style):
+  variant=<Ti|S|B|L|H>/<patch>   encoder size and patch, e.g. B/16 (default; Ti/4 with runlocal)
+  data=<source>                  digits | synthetic | tfds:<name> | folder:<path>
+  image_size=<int>               input resolution (default 224; 16 with runlocal)
+  batch_size=<int>               global batch (default 1024; 128 with runlocal)
+  init_from=<source>             pretrained encoder: a mim_jax workdir, an MAE .pth or an .npz
+                                 (default: none, random init)
+  runlocal                       tiny model and run on digits, for a CPU
+Any field below can then be overridden with --config.<field>=<value>.
+"""
+
+import ml_collections
+
+from configs import common
+
+ARGS = {"variant", "data", "image_size", "batch_size", "init_from", "runlocal"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, ARGS)
+  runlocal = "runlocal" in args
+  data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
+  image_size = int(args.get("image_size", 16 if runlocal else 224))
+  batch_size = int(args.get("batch_size", 128 if runlocal else 1024))
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.image_size = image_size
+  c.batch_size = batch_size  # Global, over all processes and devices (MAE table 9: 1024).
+
+  # Run length. MAE table 9: 100 epochs for ViT-B (50 for L/H), 5 warmup epochs.
+  epochs, warmup_epochs = (30, 3) if runlocal else (100, 5)
+  steps_per_epoch = common.steps_per_epoch(data, batch_size)
+  c.total_steps = epochs * steps_per_epoch
+  c.log_every_steps = 10 if runlocal else 100
+
+  # The encoder: the same fields as the pretraining config, so its parameters load.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vit"           # Fine-tuning supports the ViT encoder.
+  c.model.variant = args.get("variant", "Ti/4" if runlocal else "B/16")
+  c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
+  c.model.posemb = "learned"     # MAE fine-tunes learned ones, started from sin-cos.
+  c.model.remat = False          # Rematerialise blocks to save accelerator memory.
+  c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
+  c.model.param_dtype = "float32"
+  c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.init_from = args.get("init_from", "")  # '' = random init; else a source for
+                                 # mim_jax.pretrained.load_encoder_params.
+  c.finetune.pool = "gap"        # gap: mean of patch tokens + fc_norm, the encoder's final norm
+                                 # dropped (MAE's fine-tuning default); cls: the normed cls token.
+  c.finetune.head_init_std = 2e-5  # MAE: the linear head starts near zero (trunc. normal).
+  c.finetune.drop_path = 0.1     # Stochastic depth of the last block, 0 at the first (table 9).
+  c.finetune.layer_decay = 0.75  # lr x 0.75^(depth + 1 - layer): embeddings least, head full
+                                 # (MAE sec. A.1; its released ViT-B command uses 0.65).
+  c.finetune.label_smoothing = 0.1
+  # Mixup and CutMix are off in runlocal: a run of 330 steps on 1,500 digits cannot afford them
+  # (measured on Ti/4 and Mu: with them the loss stays near ln 10 and top-1 near 0.3).
+  c.finetune.mixup_alpha = 0.0 if runlocal else 0.8  # Beta(0.8, 0.8) weight; 0 disables Mixup.
+  c.finetune.cutmix_alpha = 0.0 if runlocal else 1.0  # Beta(1, 1) box area; 0 disables CutMix.
+  c.finetune.mix_switch_prob = 0.5  # With both on: CutMix with this probability, else Mixup.
+  c.finetune.mix_prob = 1.0      # Probability that a batch is mixed at all.
+  c.finetune.eval_every_steps = 0  # Also evaluate top-1 every N steps; 0 = only at the end.
+
+  # MAE table 9: AdamW (0.9, 0.999), wd 0.05, warmup then cosine to min lr 1e-6; base lr 5e-4
+  # for ViT-B (lr = base_lr * batch / 256), as in MAE's released fine-tuning command. runlocal
+  # takes 8x that, for a run 1000x shorter: measured on Ti/4, 2x more (peak 5e-3) collapses to
+  # a uniform prediction, and the paper's 5e-4 barely moves the zero-initialised head.
+  c.optim = common.adamw_config(base_lr=4e-3 if runlocal else 5e-4,
+                                warmup_steps=warmup_epochs * steps_per_epoch, b2=0.999,
+                                min_lr=1e-6)
+  c.data = common.data_config(data)
+  # RandomResizedCrop area: timm's default (0.08, 1), MAE's fine-tuning crop; on 8x8 digits a
+  # mild (0.8, 1), since the eval images are whole digits.
+  c.data.crop_scale = (0.8, 1.0) if data == "digits" else (0.08, 1.0)
+  c.sharding = common.sharding_config()
+  c.checkpoint = common.checkpoint_config(runlocal)
+  return c

@@ -1,0 +1,157 @@
+"""The evaluator suite: every evaluator `config.eval` enables, on features computed once.
+
+  evals = Suite(config, model, mesh)
+  evals.run(params, "pretrained")  # {'knn/pretrained': .., 'linear_probe/pretrained': ..,
+                                   #  'few_shot/10shot/pretrained': .., ...}
+  evals.run_pixels()               # the same with raw pixels as features: '.../pixels'
+
+An evaluator is a module with `evaluate(cfg, train, test, num_classes, mesh) -> {metric: value}`
+(train and test are (features [N, D], labels [N]) pairs) and a section `config.eval.<name>`
+holding `enabled`, `feature` (a spec of evaluators/features.py) and its own settings. The two
+splits are read once per Suite; a `run` computes the encoder's features once, for every
+evaluator. The trainer runs the suite every `eval.every_steps` and at the end (final.py), and
+`--mode=eval` runs it on a checkpoint (standalone.py).
+"""
+
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mim_jax.data import pipeline
+from mim_jax.evaluators import features
+from mim_jax.evaluators import few_shot
+from mim_jax.evaluators import knn
+from mim_jax.evaluators import linear_probe
+
+EVALUATORS = {"knn": knn, "linear_probe": linear_probe, "few_shot": few_shot}
+BASELINES = ("random_init", "pixels")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on a bad `config.eval` (before anything compiles)."""
+  e = config.eval
+  for name in EVALUATORS:
+    features.parse(e[name].feature)
+  if e.every_steps < 0:
+    raise ValueError(f"eval.every_steps must be >= 0 (0: only at the end), got {e.every_steps}")
+  if set(e.baselines) - set(BASELINES):
+    raise ValueError(f"eval.baselines {e.baselines} may only hold {BASELINES}")
+  if e.knn.k <= 0 or e.knn.temperature <= 0 or e.knn.chunk <= 0:
+    raise ValueError("eval.knn.k, temperature and chunk must be positive")
+  p = e.linear_probe
+  if p.optimizer not in linear_probe.OPTIMIZERS:
+    raise ValueError(f"eval.linear_probe.optimizer must be one of {linear_probe.OPTIMIZERS}, "
+                     f"got {p.optimizer!r}")
+  if p.batch_size <= 0 or p.epochs <= 0 or not 0 <= p.warmup_epochs <= p.epochs:
+    raise ValueError("eval.linear_probe needs batch_size > 0 and 0 <= warmup_epochs <= epochs")
+  shots, l2_regs = tuple(e.few_shot.shots), tuple(e.few_shot.l2_regs)
+  if not shots or min(shots) <= 0 or not l2_regs or min(l2_regs) <= 0:
+    raise ValueError("eval.few_shot.shots and l2_regs must be non-empty and positive")
+  if 1 in shots and max(shots) == 1:
+    raise ValueError("eval.few_shot.shots: 1-shot takes its l2 strength from the largest n, "
+                     "so it needs an n > 1 next to it")
+
+
+class Suite:
+  """The enabled evaluators, their data (read on first use) and one compiled feature extractor
+  for all of them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module,
+               mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    self.names = [name for name in EVALUATORS if config.eval[name].enabled]
+    specs = sorted({config.eval[name].feature for name in self.names} - {features.PIXELS})
+    self._extract = (features.FeatureExtractor(model, specs, mesh, config.batch_size)
+                     if specs else None)
+    self._data = None
+
+  def due(self, step: int) -> bool:
+    """Whether the periodic evals run after `step` (the last step is final.py's)."""
+    every = self.config.eval.every_steps
+    return bool(self.names) and every > 0 and step % every == 0 and step < self.config.total_steps
+
+  @property
+  def data(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (test images, labels)), read once."""
+    if self._data is None:
+      c, limit = self.config, self.config.eval.max_examples or None
+      self._data = (pipeline.eval_arrays(c, c.data.split, max_examples=limit),
+                    pipeline.eval_arrays(c, c.data.eval_split, max_examples=limit))
+    return self._data
+
+  def run(self, params: Any, name: str) -> dict[str, float]:
+    """Every enabled evaluator on the encoder `params`; keys end in '/<name>'."""
+    if not self.names:
+      return {}
+    (train_x, _), (test_x, _) = self.data
+    start = time.perf_counter()
+    feats = {}
+    if self._extract is not None:
+      train_f, test_f = self._extract(params, train_x), self._extract(params, test_x)
+      feats = {spec: (train_f[spec], test_f[spec]) for spec in self._extract.specs}
+    logging.info("eval %s: features of %d + %d images in %.1fs", name, len(train_x),
+                 len(test_x), time.perf_counter() - start)
+    return self._evaluate(name, lambda spec: feats[spec] if spec in feats else self._pixels())
+
+  def run_pixels(self) -> dict[str, float]:
+    """Every enabled evaluator on raw pixels (the flattened images): keys end in '/pixels'."""
+    return self._evaluate("pixels", lambda spec: self._pixels())
+
+  def run_with_baselines(self, params: Any, random_init: Callable[[], Any]) -> dict[str, float]:
+    """The pretrained `params`, then the baselines `config.eval.baselines` names: the same
+    encoder at random init (`random_init()` gives its params) and raw pixels. Logs a table."""
+    results = self.run(params, "pretrained")
+    if "random_init" in self.config.eval.baselines:
+      results.update(self.run(random_init(), "random_init"))
+    if "pixels" in self.config.eval.baselines:
+      results.update(self.run_pixels())
+    if results:
+      logging.info("top-1 on %s/%s:\n%s", self.config.data.name, self.config.data.eval_split,
+                   table(results))
+    return results
+
+  def _pixels(self) -> tuple[np.ndarray, np.ndarray]:
+    (train_x, _), (test_x, _) = self.data
+    return features.pixels(train_x), features.pixels(test_x)
+
+  def _evaluate(self, name: str, source: Callable[[str], tuple[np.ndarray, np.ndarray]]
+                ) -> dict[str, float]:
+    (_, train_y), (_, test_y) = self.data
+    results = {}
+    for evaluator in self.names:
+      cfg = self.config.eval[evaluator]
+      train_f, test_f = source(cfg.feature)
+      start = time.perf_counter()
+      out = EVALUATORS[evaluator].evaluate(cfg, (train_f, train_y), (test_f, test_y),
+                                           self.config.data.num_classes, self.mesh)
+      results.update({f"{key}/{name}": value for key, value in out.items()})
+      logging.info("eval %s: %s in %.1fs: %s", name, evaluator, time.perf_counter() - start,
+                   ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return results
+
+
+def table(results: dict[str, float]) -> str:
+  """'knn/pretrained': 0.9, 'knn/pixels': 0.8, ... -> a text table, a row per metric and a
+  column per source."""
+  rows, columns = {}, []
+  for key, value in results.items():
+    metric, _, source = key.rpartition("/")
+    rows.setdefault(metric, {})[source] = value
+    columns += [source] if source not in columns else []
+  width = max(len(m) for m in rows)
+  lines = [" " * width + "".join(f"  {c:>12}" for c in columns)]
+  for metric, values in rows.items():
+    lines.append(f"{metric:<{width}}" + "".join(
+        f"  {values[c]:>12.4f}" if c in values else f"  {'-':>12}" for c in columns))
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
+        mesh: jax.sharding.Mesh, prefix: str = "pretrained") -> dict[str, float]:
+  """One-off: the enabled evaluators on `params`, keys ending in '/<prefix>'."""
+  return Suite(config, model, mesh).run(params, prefix)

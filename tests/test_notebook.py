@@ -1,0 +1,53 @@
+"""notebooks/mae_demo.ipynb runs top to bottom (nbclient, a real Jupyter kernel on CPU) against a
+tiny MAE checkpoint this test trains first, and its k-NN result is a real accuracy."""
+
+import json
+import pathlib
+
+import ml_collections
+import nbclient
+import nbformat
+
+from configs import mae_vit
+from mim_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ARG = "variant=Mu/4,decoder=1x32,image_size=16,batch_size=16,data=digits"
+
+
+def no_evals(config: ml_collections.ConfigDict) -> None:
+  """Switches off every end-of-training evaluation: the notebook does its own."""
+  for value in config.eval.values():
+    if isinstance(value, ml_collections.ConfigDict) and "enabled" in value:
+      value.enabled = False
+  config.eval.reconstruction_png = False
+
+
+def test_demo_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+  config = mae_vit.get_config(ARG)
+  config.total_steps = 4
+  config.checkpoint.every_steps = 4
+  no_evals(config)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+
+  nb = nbformat.read(REPO / "notebooks" / "mae_demo.ipynb", as_version=4)
+  # Read back the k-NN figures the last cell leaves in the kernel.
+  nb.cells.append(nbformat.v4.new_code_cell(
+      "import json; print('KNN=' + json.dumps(KNN_RESULTS))"))
+  monkeypatch.setenv("MIM_JAX_REPO", str(REPO))
+  monkeypatch.setenv("MIM_JAX_SOURCE", str(tmp_path / "run"))
+  monkeypatch.setenv("MIM_JAX_CONFIG", f"configs/mae_vit.py:{ARG}")
+  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
+
+  outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert "Mu/4" in text and str(tmp_path / "run") in text
+  # The reconstruction grid and the mask gallery are drawn as images.
+  assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+  knn = json.loads(text.split("KNN=")[1].splitlines()[0])
+  assert set(knn) == {"encoder (cls)", "pixels"}
+  # Ten digit classes: chance is 0.1; k-NN on pixels is well above it, and so is a 4-step encoder.
+  assert knn["pixels"] > 0.9 and knn["encoder (cls)"] > 0.3, knn

@@ -1,0 +1,49 @@
+"""`python -m mim_jax.tools.plot`: metrics.jsonl written by the trainer's MetricWriter becomes
+PNG curves holding exactly the logged values."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mim_jax.metric_writer import MetricWriter
+from mim_jax.tools import plot
+
+
+def write_run(workdir) -> None:
+  writer = MetricWriter(str(workdir))
+  for step in (10, 20, 30):
+    writer.write(step, {"loss": 1.0 / step, "lr": 1e-3 * step, "images_per_sec": 50.0 + step,
+                        "mfu": 0.3})
+  writer.write(30, {"knn/pretrained": 0.9, "knn/random_init": 0.8, "finetune/top1": 0.95})
+  writer.close()
+
+
+def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
+  write_run(tmp_path)
+  result = subprocess.run([sys.executable, "-m", "mim_jax.tools.plot", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for panel in ("loss", "lr", "images_per_sec", "evals"):
+    with Image.open(tmp_path / "plots" / f"{panel}.png") as image:
+      assert image.format == "PNG" and image.size == (600, 400)
+  assert "finetune/top1, knn/pretrained, knn/random_init" in result.stdout
+
+  drawn = plot.plot(str(tmp_path), str(tmp_path / "again"))
+  by_panel = {path.rsplit("/", 1)[-1]: series for path, series in drawn.items()}
+  assert by_panel["loss.png"] == {"loss": ([10, 20, 30], [0.1, 0.05, 1 / 30])}
+  assert by_panel["lr.png"]["lr"][1] == pytest.approx([0.01, 0.02, 0.03])
+  assert by_panel["evals.png"]["knn/random_init"] == ([30], [0.8])
+  assert "mfu" not in {name for series in drawn.values() for name in series}
+
+
+def test_missing_workdir_and_bad_rows_are_named(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "mim_jax.tools.plot",
+                           f"--workdir={tmp_path / 'nope'}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "no metrics.jsonl in workdir" in result.stderr and "nope" in result.stderr
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a metrics row"):
+    plot.read_series(str(tmp_path / "metrics.jsonl"))

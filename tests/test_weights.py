@@ -32,6 +32,7 @@ from mim_jax import pth
 from mim_jax import sharding
 from mim_jax import train
 from mim_jax.data import pipeline
+from mim_jax.evaluators import standalone
 from mim_jax.models import layers
 from mim_jax.tools import export
 
@@ -262,6 +263,14 @@ def test_encoder_only_release_loads_as_encoder(official, tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"missing from checkpoint: decoder/blocks.*load_encoder_params"):
     pretrained.load_params(str(path), config)
+  # --mode=eval on the encoder-only file: the evaluators need the encoder alone.
+  config.eval.init_from = str(path)
+  config.eval.knn.enabled = True
+  config.eval.max_examples = 64
+  results = standalone.run(config, str(tmp_path / "eval"))
+  assert 0.0 <= results["knn/pretrained"] <= 1.0
+  saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  assert saved["knn/pretrained"] == results["knn/pretrained"] and saved["source"] == str(path)
 
 
 def test_wrong_names_and_shapes_are_listed(official, tmp_path):

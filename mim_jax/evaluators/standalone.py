@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from mim_jax import checkpoint
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import pretrained
@@ -31,7 +32,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh()
   model = methods.build(config)
   replicated = sharding.replicated(mesh)
-  params = jax.device_put(pretrained.load_params(source, config), replicated)
+  try:
+    params = pretrained.load_params(source, config)
+  except checkpoint.CheckpointMismatchError as full_error:
+    # An encoder-only source (MAE's mae_pretrain_vit_*.pth): the evaluators read the encoder
+    # alone. If the encoder does not fit either, the first error (the whole model's) is raised.
+    try:
+      params = {"encoder": pretrained.load_encoder_params(source, config)}
+    except checkpoint.CheckpointMismatchError:
+      raise full_error from None
+    logging.info("%s holds an encoder only: evaluating the encoder", source)
+  params = jax.device_put(params, replicated)
   logging.info("evaluating the params of %s", source)
 
   def random_init():

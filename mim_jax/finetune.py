@@ -35,10 +35,6 @@ from mim_jax.models import vit
 # the mask token of an encoder pretrained with mask tokens (SimMIM style).
 _UNUSED_PRETRAINED = ("norm", "mask_token")
 
-# The pretraining trainer's non-finite checks, shared rather than copied.
-_check_finite = train._check_finite  # pylint: disable=protected-access
-_all_finite = train._all_finite  # pylint: disable=protected-access
-
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a fine-tuning config that cannot run (config_validation calls it)."""
@@ -233,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def check_and_log(logged_step: int, step_metrics, force: bool) -> None:
     nonlocal last
     values = _fetch(step_metrics)
-    _check_finite(logged_step, values, last_saved, ckpt)
+    train.check_finite(logged_step, values, last_saved, ckpt)
     if not (force or logged_step % config.log_every_steps == 0 or logged_step == start + 1):
       return
     elapsed, steps = time.perf_counter() - window[0], window[1]
@@ -271,10 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        # Never save a broken state: a non-finite loss, or finite loss but non-finite update.
-        _check_finite(step, _fetch(metrics), last_saved, ckpt)
-        if not _all_finite(state.params):
-          _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
+        train.check_savable(step, _fetch(metrics), state.params, last_saved, ckpt)
         ckpt.save(step, state, iterator)
         last_saved = step
       if preempted:

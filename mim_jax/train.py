@@ -147,8 +147,9 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None,
-                  ckpt: checkpoint.Checkpointer) -> None:
+def check_finite(step: int, metrics: dict[str, float], last_saved: int | None,
+                 ckpt: checkpoint.Checkpointer) -> None:
+  """Raises NonFiniteLossError naming the non-finite metrics and the checkpoint that is kept."""
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
     # An async save of the last good state may still be in flight: let it commit before the
@@ -158,6 +159,15 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None,
             if last_saved else "no checkpoint was written")
     raise NonFiniteLossError(f"non-finite {bad} at step {step}; stopping: {kept}. Lower the "
                              f"learning rate or enable optim.grad_clip_norm.")
+
+
+def check_savable(step: int, metrics: dict[str, float], params: Any, last_saved: int | None,
+                  ckpt: checkpoint.Checkpointer) -> None:
+  """Never save a broken state: raises (see check_finite) on a non-finite loss, or on a finite
+  loss whose update made the params non-finite."""
+  check_finite(step, metrics, last_saved, ckpt)
+  if not _all_finite(params):
+    check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -213,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     `steps_done`: steps completed since the last log, for the throughput."""
     nonlocal last, window_start, window_steps
     values = fetch(step_metrics)
-    _check_finite(logged_step, values, last_saved, ckpt)
+    check_finite(logged_step, values, last_saved, ckpt)
     if not (force or logged_step % config.log_every_steps == 0 or logged_step == start + 1):
       return
     elapsed = time.perf_counter() - window_start
@@ -246,13 +256,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        _check_finite(step, fetch(metrics), last_saved, ckpt)  # never save a broken state
-        if not _all_finite(state.params):  # a finite loss, but the update that followed was not
-          _check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
+        check_savable(step, fetch(metrics), state.params, last_saved, ckpt)
         ckpt.save(step, state, iterator)
         last_saved = step
       if eval_suite.due(step) and not preempted:  # periodic evals: config.eval.every_steps
-        _check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
+        check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
         eval_start = time.perf_counter()
         writer.write(step, eval_suite.run(state.params, "pretrained"))
         window_start += time.perf_counter() - eval_start  # not counted against img/s

@@ -334,10 +334,6 @@ def test_mae_loss_gradient_ignores_visible_predictions():
 # FLOPs.
 # ---------------------------------------------------------------------------------------------
 
-# Every dot_general of a traced program, sub-programs included.
-_matmul_flops = flops.jaxpr_matmul_flops
-
-
 def _loss_fn(config, batch):
   model = methods.build(config)
   images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32)
@@ -358,9 +354,9 @@ def test_analytic_flops_match_the_traced_matmuls():
   batch = 2
   loss, args = _loss_fn(config, batch)
   analytic = methods.train_flops_per_example(config)
-  forward = _matmul_flops(jax.make_jaxpr(loss)(*args).jaxpr)
+  forward = flops.jaxpr_matmul_flops(jax.make_jaxpr(loss)(*args).jaxpr)
   assert forward * 3 == batch * analytic
-  train = _matmul_flops(jax.make_jaxpr(jax.grad(loss))(*args).jaxpr)
+  train = flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(loss))(*args).jaxpr)
   size, patch = vit.parse_variant(config.model.variant)
   patch_embed = flops.dense((64 // patch) ** 2, patch * patch * 3, size.width)
   assert train == batch * (analytic - patch_embed)

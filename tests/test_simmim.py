@@ -6,7 +6,6 @@ paper's sizes, and config validation."""
 import math
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,23 +247,6 @@ def test_sharded_step_matches_one_device(digits_run):
 # FLOPs and parameter counts.
 # ---------------------------------------------------------------------------------------------
 
-def matmul_flops(jaxpr) -> int:
-  """2 * (output size) * (contracted size) summed over every dot_general, sub-jaxprs included."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          total += matmul_flops(sub.jaxpr)
-        elif isinstance(sub, jax_core.Jaxpr):
-          total += matmul_flops(sub)
-  return total
-
-
 @pytest.mark.parametrize("config_fn,arg", [
     (simmim_swin.get_config, "variant=T,image_size=64,window=4,mask_patch=16,data=synthetic"),
     (simmim_swin.get_config, "variant=Mu,image_size=48,window=3,mask_patch=8,data=synthetic"),
@@ -282,7 +264,7 @@ def test_analytic_flops_match_the_traced_matmuls(config_fn, arg):
   rng = jax.random.key(0)
   params = jax.eval_shape(lambda r, x: model.init({"params": r, "mask": r}, x), rng, images)
   loss = lambda p, x, r: model.apply(p, x, rngs={"mask": r})[0]
-  forward = matmul_flops(jax.make_jaxpr(loss)(params, images, rng).jaxpr)
+  forward = flops.jaxpr_matmul_flops(jax.make_jaxpr(loss)(params, images, rng).jaxpr)
   assert forward * flops.TRAIN_MULTIPLIER == batch * methods.train_flops_per_example(config)
 
 

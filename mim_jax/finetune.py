@@ -203,19 +203,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                sum(x.size for x in jax.tree.leaves(abstract.params)) / 1e6,
                config.data.num_classes, jax.device_count(), jax.process_count())
 
-  # State: resumed from this workdir, or born sharded and (optionally) given a pretrained encoder.
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  last_saved = ckpt.latest_step()
-  if last_saved is not None:
-    state = ckpt.restore(last_saved, abstract, iterator)
-    logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
-  else:
+  def create() -> train.TrainState:
+    """Born sharded, then (optionally) given a pretrained encoder."""
     state = train.create_state(model, tx, config, mesh, init_rng)[0]
     if f.init_from:
-      state = load_pretrained(state, f.init_from, config, state_shardings)
-    else:
-      logging.info("encoder at random init (finetune.init_from is empty)")
+      return load_pretrained(state, f.init_from, config, state_shardings)
+    logging.info("encoder at random init (finetune.init_from is empty)")
+    return state
+
+  ckpt, state, last_saved = train.restore_or_create(config, workdir, abstract, iterator, create)
   start = step = int(state.step)
 
   train_step = make_train_step(model, tx, state_shardings, mesh, config)

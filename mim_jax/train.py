@@ -7,7 +7,7 @@ and each process feeds its own shard of the batch.
 
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -170,6 +170,23 @@ def check_savable(step: int, metrics: dict[str, float], params: Any, last_saved:
     check_finite(step, {"params after the update": float("nan")}, last_saved, ckpt)
 
 
+def restore_or_create(config: ml_collections.ConfigDict, workdir: str, abstract: TrainState,
+                      iterator: Any, create: Callable[[], TrainState]
+                      ) -> tuple[checkpoint.Checkpointer, TrainState, int | None]:
+  """Opens workdir's checkpoints and returns (checkpointer, state, step of the restored
+  checkpoint or None). The state is the newest checkpoint, restored into `abstract`'s shardings
+  (and checked against the model before anything is compiled; `iterator` moves to its saved
+  position), or, in a fresh workdir, `create()`."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  last_saved = ckpt.latest_step()
+  if last_saved is None:
+    return ckpt, create(), None
+  state = ckpt.restore(last_saved, abstract, iterator)
+  logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
+  return ckpt, state, last_saved
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in workdir), then runs the final evals.
   Returns the last logged metrics and the eval results."""
@@ -190,16 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.method.name, config.model.variant, num_params / 1e6, jax.device_count(),
                jax.process_count())
 
-  # State: restored from the newest checkpoint in workdir (checked against the model before
-  # anything is compiled), or initialised born sharded.
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  last_saved = ckpt.latest_step()
-  if last_saved is not None:
-    state = ckpt.restore(last_saved, abstract, iterator)
-    logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
-  else:
-    state = create_state(model, tx, config, mesh, init_rng)[0]
+  ckpt, state, last_saved = restore_or_create(
+      config, workdir, abstract, iterator,
+      lambda: create_state(model, tx, config, mesh, init_rng)[0])
   start = int(state.step)
 
   train_step = make_train_step(model, tx, state_shardings, mesh)

@@ -74,15 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = epochs * steps_per_epoch
   c.log_every_steps = 10 if runlocal else 100
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "vit"
-  c.model.variant = args.get("variant", "Ti/4" if runlocal else "B/16")
-  c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
-  c.model.posemb = "sincos"      # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
-  c.model.remat = False          # Rematerialise blocks (encoder, regressor, decoder).
-  c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
-  c.model.param_dtype = "float32"
-  c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
+  # model.remat also rematerialises the regressor and decoder blocks.
+  c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
+                                   posemb="sincos")
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "cae"

@@ -60,6 +60,20 @@ def data_config(name: str) -> ml_collections.ConfigDict:
   return d
 
 
+def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
+  """The ViT encoder (mim_jax/models/vit.py), as every ViT family builds it."""
+  m = ml_collections.ConfigDict()
+  m.name = "vit"
+  m.variant = variant            # <size>/<patch>, e.g. B/16 (models/vit.py SIZES).
+  m.exact_gelu = True            # erf GELU, as in the papers' PyTorch code; False = tanh.
+  m.posemb = posemb              # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
+  m.remat = False                # Rematerialise blocks to save accelerator memory.
+  m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
+  m.param_dtype = "float32"
+  m.attention_impl = "auto"      # auto | xla | cudnn (fused flash attention on GPU).
+  return m
+
+
 def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.95,
                  weight_decay: float = 0.05, lr_batch_base: int = 256, min_lr: float = 0.0,
                  grad_clip_norm: float = 0.0) -> ml_collections.ConfigDict:

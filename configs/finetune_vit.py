@@ -66,15 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every_steps = 10 if runlocal else 100
 
   # The encoder: the same fields as the pretraining config, so its parameters load.
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "vit"           # Fine-tuning supports the ViT encoder.
-  c.model.variant = args.get("variant", "Ti/4" if runlocal else "B/16")
-  c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
-  c.model.posemb = "learned"     # MAE fine-tunes learned ones, started from sin-cos.
-  c.model.remat = False          # Rematerialise blocks to save accelerator memory.
-  c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
-  c.model.param_dtype = "float32"
-  c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
+  # Fine-tuning supports the ViT encoder; MAE fine-tunes learned position embeddings, started
+  # from the sin-cos table.
+  c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
+                                   posemb="learned")
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.init_from = args.get("init_from", "")  # '' = random init; else a source for

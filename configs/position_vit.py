@@ -65,15 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = epochs * steps_per_epoch
   c.log_every_steps = 10 if runlocal else 100
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "vit"           # Built without position embeddings by methods/position.py.
-  c.model.variant = args.get("variant", "Ti/8" if runlocal else "B/16")
-  c.model.exact_gelu = True      # erf GELU, as in the papers' PyTorch code; False = tanh.
-  c.model.posemb = "none"        # MP3: no position embeddings in the encoder.
-  c.model.remat = False          # Rematerialise blocks to save accelerator memory.
-  c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
-  c.model.param_dtype = "float32"
-  c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
+  # MP3: no position embeddings in the encoder (methods/position.py builds it).
+  c.model = common.vit_model_config(args.get("variant", "Ti/8" if runlocal else "B/16"),
+                                   posemb="none")
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "position"

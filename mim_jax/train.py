@@ -289,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = dict(last)
   if step >= config.total_steps:
     from mim_jax.evaluators import final  # pylint: disable=g-import-not-at-top
-    results.update(final.run(config, workdir, model, state.params, mesh,
+    results.update(final.run(config, workdir, model, state.params, eval_suite,
                              make_init_fn(model, tx, config), init_rng))
     evals = {k: v for k, v in results.items() if k not in last}
     if evals:

@@ -16,7 +16,9 @@ from mim_jax.evaluators import suite
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, params,
-        mesh: jax.sharding.Mesh, init_fn: Callable, init_rng: jax.Array) -> dict[str, float]:
+        evaluators: suite.Suite, init_fn: Callable, init_rng: jax.Array) -> dict[str, float]:
+  """`evaluators` is the run's suite, so the data it read and the feature extractor it compiled
+  for the periodic evals serve these too."""
   e = config.eval
   if e.reconstruction_png and jax.process_index() == 0:
     images, _ = pipeline.eval_arrays(config, config.data.eval_split,
@@ -29,4 +31,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
   # placed like `params`, so the feature extractor compiled for them serves it too.
   shardings = jax.tree.map(lambda x: x.sharding, params)
   random_init = jax.jit(lambda rng: init_fn(rng).params, out_shardings=shardings)
-  return suite.Suite(config, model, mesh).run_with_baselines(params, lambda: random_init(init_rng))
+  return evaluators.run_with_baselines(params, lambda: random_init(init_rng))

@@ -78,13 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
                                    posemb="sincos")
 
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
+
   c.method = ml_collections.ConfigDict()
   c.method.name = "cae"
-  c.method.mask = "block"        # BEiT block-wise masking (masking.block_mask).
-  c.method.mask_ratio = 0.5      # 98 of 196 patches (--num_mask_patches 98).
-  c.method.block_min_patches = 16  # BEiT's smallest block (--min_mask_patches_per_block 16).
-  c.method.block_min_aspect = 0.3  # Block aspect ratio in [0.3, 1/0.3], as in BEiT.
-  c.method.block_attempts = 64   # Fixed number of block draws; see masking.block_union.
   c.method.regressor_depth = int(regressor)  # Cross-attention blocks (paper: 4).
   c.method.decoder_depth = decoder_depth     # Self-attention blocks (paper: 4).
   c.method.width = width         # Regressor and decoder width (paper: the encoder's, 768).
@@ -105,8 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = common.checkpoint_config(runlocal)
   c.eval = common.eval_config(runlocal, feature="cls", reconstruction_png=True)
 
-  if runlocal:
-    # A 4x4 patch grid (16 px, patch 4), 8 of 16 masked: BEiT's blocks of >= 16 patches cannot
-    # fit (blocks stay under the grid size, at most 3x3), so blocks of >= 4.
-    c.method.block_min_patches = 4
+  # BEiT block-wise masking of 98 of 196 patches (--num_mask_patches 98), blocks of at least
+  # 16 patches (--min_mask_patches_per_block 16). runlocal has a 4x4 patch grid (16 px, patch
+  # 4), 8 of 16 masked: blocks of >= 16 cannot fit (they stay under the grid size, at most
+  # 3x3), so blocks of >= 4.
+  c.mask = common.mask_config("block", 0.5, block_min_patches=4 if runlocal else 16)
   return c

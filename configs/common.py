@@ -76,7 +76,8 @@ def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
 
 def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.95,
                  weight_decay: float = 0.05, lr_batch_base: int = 256, min_lr: float = 0.0,
-                 grad_clip_norm: float = 0.0) -> ml_collections.ConfigDict:
+                 grad_clip_norm: float = 0.0, layer_decay: float = 1.0
+                 ) -> ml_collections.ConfigDict:
   """AdamW with linear warmup then cosine decay. The defaults are MAE's recipe (He et al.
   2021, table 8): (0.9, 0.95), weight decay 0.05, no gradient clipping."""
   o = ml_collections.ConfigDict()
@@ -88,7 +89,29 @@ def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: floa
   o.warmup_steps = warmup_steps
   o.min_lr = min_lr              # Final lr of the cosine decay.
   o.grad_clip_norm = grad_clip_norm  # Global-norm clipping; 0 disables.
+  o.layer_decay = layer_decay    # Layer-wise lr decay (BEiT, MAE fine-tuning): the encoder's
+                                 # block i gets lr x decay^(depth - i), its embeddings
+                                 # decay^(depth + 1), the rest the full lr. 1 = off.
   return o
+
+
+def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
+                coarse_cell: int = 2) -> ml_collections.ConfigDict:
+  """The mask generator (mim_jax/masking.py) a method draws through, by name, and every
+  generator's knobs, so `--config.mask.name=<other>` works with its defaults."""
+  m = ml_collections.ConfigDict()
+  m.name = name                  # random | block | coarse (masking.GENERATORS).
+  m.ratio = ratio                # Share of patches masked (for MP3: left out of the context).
+  m.random = ml_collections.ConfigDict()  # i.i.d. uniform scores (MAE, sec. 3): no knobs.
+  # BEiT's block-wise masking (Bao et al. 2021, algorithm 1), as CAE uses it.
+  m.block = ml_collections.ConfigDict()
+  m.block.min_patches = block_min_patches  # Smallest block (BEiT: 16 patches).
+  m.block.min_aspect = 0.3       # Block aspect ratio in [0.3, 1/0.3], as in BEiT.
+  m.block.attempts = 64          # Fixed number of block draws; see masking.block_union.
+  # SimMIM's random masking of square cells (Xie et al. 2022: 32 px).
+  m.coarse = ml_collections.ConfigDict()
+  m.coarse.cell = coarse_cell    # Cell side in patches: 32 px is 2 ViT/16 or 8 Swin patches.
+  return m
 
 
 def sharding_config() -> ml_collections.ConfigDict:
@@ -106,20 +129,24 @@ def checkpoint_config(runlocal: bool) -> ml_collections.ConfigDict:
   return c
 
 
-def eval_config(runlocal: bool, *, feature: str = "cls",
-                reconstruction_png: bool = True) -> ml_collections.ConfigDict:
+def eval_config(runlocal: bool, *, feature: str = "cls", reconstruction_png: bool = True,
+                probes: bool | None = None, top1: bool = False,
+                run_name: str = "pretrained") -> ml_collections.ConfigDict:
   """Evaluations of the encoder (mim_jax/evaluators/): every `every_steps` during pretraining,
   at its end next to the baselines, and on a checkpoint with --mode=eval.
 
   `feature` is the default of every evaluator's `feature`, a spec of
   mim_jax/evaluators/features.py: 'cls' or 'gap' (the final normed output's cls token or mean
   patch token), '<cls|gap>@block_<i>' (block i's pre-norm output; i = -1 is the last block) or
-  'pixels'. runlocal (digits) enables every evaluator and baseline, with a small probe batch.
+  'pixels'. runlocal (digits) enables k-NN, the probes and the baselines, with a small probe
+  batch (`probes` overrides that); `top1` enables the fine-tuned classifier's top-1.
   """
+  probes = runlocal if probes is None else probes
   e = ml_collections.ConfigDict()
   e.every_steps = 0              # Run the enabled evaluators on the params every N steps of
                                  # pretraining (metrics.jsonl, TensorBoard); 0 = only at the end.
-  e.baselines = ("random_init", "pixels") if runlocal else ()  # At the end (and --mode=eval),
+  e.run_name = run_name          # Results of the run's own params are '<metric>/<run_name>'.
+  e.baselines = ("random_init", "pixels") if probes else ()  # At the end (and --mode=eval),
                                  # also evaluate the encoder at its random init and raw pixels.
   e.init_from = ""               # --mode=eval: params to evaluate: a workdir, an MAE .pth or an
                                  # .npz ('' = the newest checkpoint in --workdir).
@@ -128,7 +155,7 @@ def eval_config(runlocal: bool, *, feature: str = "cls",
 
   # Weighted k-NN (Wu et al. 2018; k = 20 as in DINO, Caron et al. 2021): evaluators/knn.py.
   e.knn = ml_collections.ConfigDict()
-  e.knn.enabled = runlocal
+  e.knn.enabled = probes
   e.knn.feature = feature
   e.knn.k = 20
   e.knn.temperature = 0.07       # Votes weigh exp(cosine similarity / temperature).
@@ -138,7 +165,7 @@ def eval_config(runlocal: bool, *, feature: str = "cls",
   # linear_probe.py. The defaults are MAE's ImageNet recipe (He et al. 2021, table 10): LARS,
   # base lr 0.1, momentum 0.9, weight decay 0, batch 16384, 90 epochs, 10 warmup, cosine.
   p = e.linear_probe = ml_collections.ConfigDict()
-  p.enabled = runlocal
+  p.enabled = probes
   p.feature = feature
   # lars | sgd (with momentum). LARS's trust ratio (0.001 x weight norm / gradient norm)
   # barely moves a head in the few hundred steps of a small dataset: runlocal uses SGD.
@@ -155,12 +182,17 @@ def eval_config(runlocal: bool, *, feature: str = "cls",
   # Few-shot linear evaluation (closed-form ridge onto +-1 targets, big_vision style):
   # evaluators/few_shot.py.
   f = e.few_shot = ml_collections.ConfigDict()
-  f.enabled = runlocal
+  f.enabled = probes
   f.feature = feature
   f.shots = (1, 5, 10, 25)       # Training examples per class; one result each.
   f.l2_regs = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # Ridge strengths; picked per n
                                  # by leave-one-out error (1-shot: the largest n's pick).
   f.seed = 0                     # Which examples are drawn.
+
+  # Top-1 of a classifier's predictions on the whole eval split, streamed (evaluators/top1.py).
+  e.top1 = ml_collections.ConfigDict()
+  e.top1.enabled = top1
+  e.top1.feature = "logits"
 
   e.reconstruction_png = reconstruction_png  # At the end: originals / masked / reconstructions.
   e.num_png_images = 8

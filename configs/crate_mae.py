@@ -88,10 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
 
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
+
   c.method = ml_collections.ConfigDict()
   c.method.name = "crate_mae"
-  c.method.mask = "random"       # A generator in mim_jax/masking.py.
-  c.method.mask_ratio = 0.75     # As MAE; the released code's default.
   c.method.norm_pix_loss = False  # The released model's default: raw pixel targets.
   # True (the paper's pipeline): the encoder sees every patch, masked ones as a learned mask
   # token. False: it sees only the visible patches (faster; the decoder inserts mask tokens).
@@ -109,4 +110,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The probe reads the mean patch token: the cls token's output is never reconstructed, so the
   # objective shapes it only through attention (on digits at 32 px: cls 0.91, gap 0.96).
   c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=True)
+  c.mask = common.mask_config("random", 0.75)  # As MAE; the released code's default.
   return c

@@ -4,7 +4,7 @@ Autoencoders Are Scalable Vision Learners", sec. A.1 and table 9).
 Run (the paper's ViT-B/16 ImageNet recipe: 100 epochs at batch 1024; on a GPU host or TPU pod),
 from a mim_jax pretraining workdir, an official MAE .pth or an exported .npz:
 
-  python -m mim_jax.main --mode=finetune \
+  python -m mim_jax.main \
       --config=configs/finetune_vit.py:variant=B/16,data=tfds:imagenet2012,init_from=/tmp/mae_b16 \
       --workdir=/tmp/mae_b16_finetune
 
@@ -15,7 +15,7 @@ base_lr 1e-3 for 85.9%.
 Run on a laptop CPU (embedded digits, Ti/4 at 16 px, the encoder of configs/mae_vit.py:runlocal):
 
   python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae_rl
-  python -m mim_jax.main --mode=finetune \
+  python -m mim_jax.main \
       --config=configs/finetune_vit.py:runlocal,init_from=/tmp/mae_rl --workdir=/tmp/mae_rl_ft
 
 Expected (Ti/4 at 16 px, 330 steps; about 4 minutes each on a shared 2-core CPU, start-up
@@ -71,35 +71,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
                                    posemb="learned")
 
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.init_from = args.get("init_from", "")  # '' = random init; else a source for
-                                 # mim_jax.pretrained.load_encoder_params.
-  c.finetune.pool = "gap"        # gap: mean of patch tokens + fc_norm, the encoder's final norm
+  c.init_from = args.get("init_from", "")  # The pretrained encoder: '' = random init; else
+                                 # a mim_jax workdir, an MAE .pth or an .npz (mim_jax/init_from.py).
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "finetune"     # mim_jax/methods/finetune.py
+  c.method.pool = "gap"          # gap: mean of patch tokens + fc_norm, the encoder's final norm
                                  # dropped (MAE's fine-tuning default); cls: the normed cls token.
-  c.finetune.head_init_std = 2e-5  # MAE: the linear head starts near zero (trunc. normal).
-  c.finetune.drop_path = 0.1     # Stochastic depth of the last block, 0 at the first (table 9).
-  c.finetune.layer_decay = 0.75  # lr x 0.75^(depth + 1 - layer): embeddings least, head full
-                                 # (MAE sec. A.1; its released ViT-B command uses 0.65).
-  c.finetune.label_smoothing = 0.1
+  c.method.head_init_std = 2e-5  # MAE: the linear head starts near zero (trunc. normal).
+  c.method.drop_path = 0.1       # Stochastic depth of the last block, 0 at the first (table 9).
+  c.method.label_smoothing = 0.1
   # Mixup and CutMix are off in runlocal: a run of 330 steps on 1,500 digits cannot afford them
   # (measured on Ti/4 and Mu: with them the loss stays near ln 10 and top-1 near 0.3).
-  c.finetune.mixup_alpha = 0.0 if runlocal else 0.8  # Beta(0.8, 0.8) weight; 0 disables Mixup.
-  c.finetune.cutmix_alpha = 0.0 if runlocal else 1.0  # Beta(1, 1) box area; 0 disables CutMix.
-  c.finetune.mix_switch_prob = 0.5  # With both on: CutMix with this probability, else Mixup.
-  c.finetune.mix_prob = 1.0      # Probability that a batch is mixed at all.
-  c.finetune.eval_every_steps = 0  # Also evaluate top-1 every N steps; 0 = only at the end.
+  c.method.mixup_alpha = 0.0 if runlocal else 0.8  # Beta(0.8, 0.8) weight; 0 disables Mixup.
+  c.method.cutmix_alpha = 0.0 if runlocal else 1.0  # Beta(1, 1) box area; 0 disables CutMix.
+  c.method.mix_switch_prob = 0.5  # With both on: CutMix with this probability, else Mixup.
+  c.method.mix_prob = 1.0        # Probability that a batch is mixed at all.
 
   # MAE table 9: AdamW (0.9, 0.999), wd 0.05, warmup then cosine to min lr 1e-6; base lr 5e-4
   # for ViT-B (lr = base_lr * batch / 256), as in MAE's released fine-tuning command. runlocal
   # takes 8x that, for a run 1000x shorter: measured on Ti/4, 2x more (peak 5e-3) collapses to
   # a uniform prediction, and the paper's 5e-4 barely moves the zero-initialised head.
+  # Layer decay 0.75: lr x 0.75^(depth + 1 - layer), embeddings least, head full (MAE sec. A.1;
+  # its released ViT-B command uses 0.65).
   c.optim = common.adamw_config(base_lr=4e-3 if runlocal else 5e-4,
                                 warmup_steps=warmup_epochs * steps_per_epoch, b2=0.999,
-                                min_lr=1e-6)
+                                min_lr=1e-6, layer_decay=0.75)
   c.data = common.data_config(data)
   # RandomResizedCrop area: timm's default (0.08, 1), MAE's fine-tuning crop; on 8x8 digits a
   # mild (0.8, 1), since the eval images are whole digits.
   c.data.crop_scale = (0.8, 1.0) if data == "digits" else (0.08, 1.0)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)
+  # Top-1 of the fine-tuned classifier on the whole eval split, at the end ('top1/finetuned');
+  # --config.eval.every_steps=N also every N steps.
+  c.eval = common.eval_config(runlocal, probes=False, top1=True, reconstruction_png=False,
+                              run_name="finetuned")
   return c

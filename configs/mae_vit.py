@@ -64,10 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
                                    posemb="sincos")
 
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
+
   c.method = ml_collections.ConfigDict()
   c.method.name = "mae"
-  c.method.mask = "random"       # A generator in mim_jax/masking.py.
-  c.method.mask_ratio = 0.75     # MAE sec. 4, fig. 5.
   c.method.norm_pix_loss = True  # MAE table 1d (per-patch normalised pixel targets).
   # False: the encoder sees only the visible patches (MAE). True: it sees every patch, masked
   # ones replaced by a learned mask token (SimMIM style): MAE tables 1c and 2 find that less
@@ -78,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.decoder_heads = max(1, decoder_width // 32)  # 512 -> 16 heads, as in the paper.
 
   # MAE table 8: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256).
+  c.mask = common.mask_config("random", 0.75)  # MAE sec. 4, fig. 5: uniform, 75%.
   c.optim = common.adamw_config(base_lr=1.5e-4, warmup_steps=warmup_epochs * steps_per_epoch)
   c.data = common.data_config(data)
   c.sharding = common.sharding_config()

@@ -69,10 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.vit_model_config(args.get("variant", "Ti/8" if runlocal else "B/16"),
                                    posemb="none")
 
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
+
   c.method = ml_collections.ConfigDict()
   c.method.name = "position"
-  c.method.mask = "random"       # Draws the context patches: a generator in mim_jax/masking.py.
-  c.method.mask_ratio = 0.75     # eta: share of patches left out of every layer's keys/values.
 
   # DeiT's AdamW, which MP3 follows: betas (0.9, 0.999), wd 0.05, lr = 5e-4 * batch / 512.
   # runlocal: 440 steps at batch 128 on digits need a larger step (peak lr 1e-3, not 1.25e-4).
@@ -84,4 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The cls token gets no position target, so the probe reads the mean patch feature ('gap');
   # MP3 predicts positions, not pixels, so there is no reconstruction grid.
   c.eval = common.eval_config(runlocal, feature="gap", reconstruction_png=False)
+  # Draws the context patches; ratio eta: the share of patches left out of every layer's keys
+  # and values (MP3's 0.75).
+  c.mask = common.mask_config("random", 0.75)
   return c

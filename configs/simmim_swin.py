@@ -48,13 +48,13 @@ ARGS = {"variant", "window", "mask_patch", "data", "image_size", "batch_size", "
         "runlocal"}
 
 
-def simmim_method(mask_patch: int) -> ml_collections.ConfigDict:
-  """SimMIM's masking: cells of `mask_patch` pixels, ratio 0.6 (the paper's defaults)."""
-  m = ml_collections.ConfigDict()
-  m.name = "simmim"
-  m.mask_patch = mask_patch  # Mask cell side in pixels: 32 in the paper; must divide image_size.
-  m.mask_ratio = 0.6         # ceil(0.6 * cells) cells masked per image.
-  return m
+def simmim_mask(mask_patch: int, patch: int) -> ml_collections.ConfigDict:
+  """SimMIM's masking: cells of `mask_patch` pixels (32 in the paper) for a model of `patch`-px
+  patches, ratio 0.6: ceil(0.6 * cells) cells masked per image (the paper's defaults)."""
+  if mask_patch <= 0 or mask_patch % patch:
+    raise ValueError(f"mask_patch {mask_patch} must be a positive multiple of the model's patch "
+                     f"size {patch}")
+  return common.mask_config("coarse", 0.6, coarse_cell=mask_patch // patch)
 
 
 def simmim_optim(base_lr: float, warmup_steps: int, min_lr: float) -> ml_collections.ConfigDict:
@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = epochs * steps_per_epoch
   c.log_every_steps = 10 if runlocal else 100
 
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin"
   c.model.variant = args.get("variant", "Mu" if runlocal else "B")
@@ -96,7 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
 
-  c.method = simmim_method(int(args.get("mask_patch", 8 if runlocal else 32)))
+  c.method = ml_collections.ConfigDict({"name": "simmim"})
+  c.mask = simmim_mask(int(args.get("mask_patch", 8 if runlocal else 32)), c.model.patch)
 
   # 10 warmup epochs, lr 2e-4 per 512 images (8e-4 at 2048), cosine to 1e-5.
   warmup_epochs = 4 if runlocal else 10

@@ -49,6 +49,7 @@ import ml_collections
 
 from configs import common
 from configs import simmim_swin
+from mim_jax.models import vit
 
 ARGS = {"variant", "mask_patch", "data", "image_size", "batch_size", "epochs", "runlocal"}
 
@@ -73,7 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.vit_model_config(args.get("variant", "Mu/4" if runlocal else "B/16"),
                                    posemb="sincos")
 
-  c.method = simmim_swin.simmim_method(int(args.get("mask_patch", 8 if runlocal else 32)))
+  c.init_from = ""               # Start from these params instead of random init: a workdir, an
+                                 # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
+  c.method = ml_collections.ConfigDict({"name": "simmim"})
+  c.mask = simmim_swin.simmim_mask(int(args.get("mask_patch", 8 if runlocal else 32)),
+                                   vit.parse_variant(c.model.variant)[1])
 
   # 10 warmup epochs, lr 1e-4 per 512 images (4e-4 at 2048).
   warmup_epochs = 4 if runlocal else 10

@@ -11,6 +11,8 @@ n=${1:?usage: launch/local.sh NUM_PROCESSES [mim_jax.main flags...]}
 shift
 port=${PORT:-12355}
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-2}"
+# glibc malloc settings for XLA on CPU (the Makefile says why); an existing value, even empty, wins.
+export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776}"
 pids=()
 for ((i = 0; i < n; i++)); do
   python -m mim_jax.main --coordinator_address="127.0.0.1:${port}" --num_processes="$n" \

@@ -9,5 +9,8 @@
 # and jax[tpu] installed.
 set -euo pipefail
 : "${TPU:?set TPU to the pod slice name}" "${ZONE:?set ZONE}"
+# glibc malloc settings that matter for CPU runs only (the Makefile says why). An existing
+# GLIBC_TUNABLES here, even empty, is passed on instead.
+tunables="${GLIBC_TUNABLES-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776}"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all \
-  --command="cd ~/mim_jax && python -m mim_jax.main --distributed $*"
+  --command="cd ~/mim_jax && GLIBC_TUNABLES='$tunables' python -m mim_jax.main --distributed $*"

@@ -6,13 +6,14 @@ r"""Throughput and MFU of the real train step, on a fixed synthetic batch alread
 
 The mesh, model, optimizer, state and jitted step are the trainer's own (train.create_state,
 train.make_train_step, state donated), so the number is what training gets minus the input
-pipeline. On CPU the command first re-executes itself with the trainer's malloc settings
-(mim_jax/malloc.py). Prints one JSON line: the config argument and overrides, devices,
-images_per_sec, step_ms, compile_s (lower + compile), train_flops_per_image (analytic, from the
-architecture), achieved_flops_per_sec, peak_flops_per_sec (flops.matmul_peak on the same backend
-and compute dtype, times the device count), mfu, xla_flops_per_image (compiled.cost_analysis(),
-a cross-check: XLA counts per device, scaled here by the device count) and
-page_faults_per_step (host minor faults, the cost malloc.py removes).
+pipeline. On CPU, set GLIBC_TUNABLES as `make bench` does (the Makefile says why), or the
+step pays glibc's page faults (page_faults_per_step). Prints one JSON line: the config argument
+and overrides, devices, images_per_sec, step_ms, compile_s (lower + compile),
+train_flops_per_image (analytic, from the architecture), achieved_flops_per_sec,
+peak_flops_per_sec (flops.matmul_peak on the same backend and compute dtype, times the device
+count), mfu, xla_flops_per_image (compiled.cost_analysis(), a cross-check: XLA counts per
+device, scaled here by the device count) and page_faults_per_step (host minor faults, which
+the Makefile's GLIBC_TUNABLES remove on CPU).
 """
 
 import json
@@ -22,13 +23,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mim_jax import config_validation
 from mim_jax import flops
-from mim_jax import malloc
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
@@ -49,10 +50,22 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """A fixed global batch of the method's inputs: standard normal floats (images, frames),
+  zeros for integers (labels), True for booleans (padding masks: every position valid)."""
+  batch = {}
+  for name, spec in methods.inputs(config).items():
+    shape = (config.batch_size,) + spec.shape
+    if jnp.issubdtype(spec.dtype, jnp.floating):
+      batch[name] = jax.random.normal(jax.random.key(1), shape, spec.dtype)
+    else:
+      batch[name] = jnp.full(shape, spec.dtype == jnp.bool_, spec.dtype)
+  return batch
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  malloc.reexec_for_cpu()
   config = _CONFIG.value
   config_validation.validate(config)
 
@@ -62,21 +75,19 @@ def main(argv: list[str]) -> None:
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state, _, state_shardings = train.create_state(model, tx, config, mesh, init_rng)
   train_step = train.make_train_step(model, tx, state_shardings, mesh)
-  images = jax.device_put(
-      jax.random.normal(jax.random.key(1), train.input_shape(config, config.batch_size)),
-      sharding.batch_sharding(mesh))
+  batch = jax.device_put(synthetic_batch(config), sharding.batch_sharding(mesh))
 
   start = time.perf_counter()
-  compiled = train_step.lower(state, images, train_rng).compile()
+  compiled = train_step.lower(state, batch, train_rng).compile()
   compile_s = time.perf_counter() - start
 
   for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, images, train_rng)
+    state, metrics = compiled(state, batch, train_rng)
   jax.block_until_ready((state, metrics))
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(_STEPS.value):
-    state, metrics = compiled(state, images, train_rng)
+    state, metrics = compiled(state, batch, train_rng)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / _STEPS.value
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults

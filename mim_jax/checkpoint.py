@@ -12,8 +12,9 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
+
+from mim_jax import tree_paths
 
 
 class CheckpointMismatchError(ValueError):
@@ -22,9 +23,7 @@ class CheckpointMismatchError(ValueError):
 
 def param_signature(params: Any) -> dict[str, list[int]]:
   """{'encoder/blocks/block_0/attn/qkv/kernel': [192, 576], ...} for every parameter."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
-          for path, leaf in flat}
+  return {name: list(leaf.shape) for name, leaf in tree_paths.flatten(params).items()}
 
 
 def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str:

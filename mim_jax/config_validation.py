@@ -4,9 +4,9 @@ message naming the bad value and what would be valid, not after minutes of compi
 import jax
 import ml_collections
 
-from mim_jax import finetune
 from mim_jax import methods
 from mim_jax import models
+from mim_jax import optim
 from mim_jax.data import pipeline
 from mim_jax.data import sources
 from mim_jax.evaluators import suite
@@ -17,11 +17,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.dtype(config.model.dtype)
   models.dtype(config.model.param_dtype)
   models.build_encoder(config)  # unknown model, variant, attention_impl
-  if "finetune" in config:  # a fine-tuning config (configs/finetune_vit.py) has no method
-    finetune.validate(config)
-  else:
-    methods.validate(config)  # unknown method, and what the method itself needs
-    suite.validate(config)  # the evaluators' feature specs and settings (config.eval)
+  methods.validate(config)  # unknown method, and what the method itself needs
+  optim.validate(config)
+  suite.validate(config)  # the evaluators' feature specs and settings (config.eval)
   devices = jax.device_count()
   if config.batch_size <= 0 or config.batch_size % devices:
     raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of the "

@@ -12,6 +12,8 @@ import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 
+from mim_jax.models import swin
+
 TRAIN_MULTIPLIER = 3
 
 
@@ -19,14 +21,18 @@ def dense(tokens: int, d_in: int, d_out: int) -> int:
   return 2 * tokens * d_in * d_out
 
 
-def transformer(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
-  """Forward FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens.
+def transformer(tokens: int, width: int, depth: int, mlp_dim: int,
+                context: int | None = None) -> int:
+  """Forward FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens, whose keys and
+  values come from `context` of them (all when None; layers.Attention's kv_ids, MP3).
 
-  Per block: qkv (3 d^2), output projection (d^2) and MLP (2 d m) matmuls per token, plus
-  q k^T and attention-weighted v (2 n^2 d each). Norms, softmax and GELU are left out.
+  Per block: q and output projections (d^2 each) and MLP (2 d m) matmuls per token, k and v
+  projections (2 d^2) per context token, plus q k^T and attention-weighted v (2 n c d each).
+  Norms, softmax and GELU are left out.
   """
-  per_block = (dense(tokens, width, 3 * width) + dense(tokens, width, width)
-               + 2 * dense(tokens, width, mlp_dim) + 2 * 2 * tokens * tokens * width)
+  context = tokens if context is None else context
+  per_block = (2 * dense(tokens, width, width) + dense(context, width, 2 * width)
+               + 2 * dense(tokens, width, mlp_dim) + 2 * 2 * tokens * context * width)
   return depth * per_block
 
 
@@ -46,6 +52,29 @@ def crate_decoder(tokens: int, width: int, depth: int) -> int:
   per_layer = (dense(tokens, width, width) + 2 * dense(tokens, width, width)
                + 2 * 2 * tokens * tokens * width)
   return depth * per_layer
+
+
+def swin_encoder(image_size: int, size: swin.SwinSize, patch: int, window: int,
+                 channels: int) -> int:
+  """Forward FLOPs of the Swin encoder (models/swin.py) on one image.
+
+  Per stage at r x r tokens of width d with (effective) window M: per block qkv (3d^2), proj
+  (d^2) and MLP (2 * 4 d^2) per token, and windowed attention: each of the r^2/M^2 windows
+  computes q k^T and weights @ v over its M^2 tokens, 2 * 2 * (M^2)^2 * d per window, i.e.
+  4 r^2 M^2 d per block, linear in the number of tokens. Patch merging is a 4d -> 2d matmul on
+  the r^2/4 merged tokens. Norms, softmax and GELU are left out."""
+  total = dense((image_size // patch) ** 2, patch * patch * channels, size.embed_dim)
+  resolutions = swin.stage_resolutions(image_size, patch, len(size.depths))
+  for i, (res, depth) in enumerate(zip(resolutions, size.depths)):
+    d = size.embed_dim * 2 ** i
+    if i:
+      total += dense(res * res, 2 * d, d)  # merging: (res*2)^2/4 tokens, 4(d/2) -> d
+    win, _ = swin.stage_window(res, window)
+    n = res * res
+    per_block = (dense(n, d, 3 * d) + dense(n, d, d) + 2 * dense(n, d, swin.MLP_RATIO * d)
+                 + 2 * 2 * n * win * win * d)
+    total += depth * per_block
+  return total
 
 
 def jaxpr_matmul_flops(jaxpr) -> int:

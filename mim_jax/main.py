@@ -3,9 +3,9 @@
   python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae
   python -m mim_jax.main --mode=eval --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae
 
---mode picks what runs: pretrain (mim_jax/train.py, the default), eval (the evaluators on the
-newest checkpoint in --workdir or on config.eval.init_from: mim_jax/evaluators/standalone.py) or
-finetune (mim_jax/finetune.py).
+--mode picks what runs: train (mim_jax/train.py, the default: pretraining or fine-tuning, as
+the config's method says; 'pretrain' and 'finetune' are aliases) or eval (the evaluators on the
+newest checkpoint in --workdir or on config.eval.init_from: mim_jax/evaluate.py).
 
 The config is locked (a mistyped override fails) and validated before anything compiles. On a
 multi-process launch (a TPU pod, or SLURM/GPU hosts), JAX's distributed runtime is initialised
@@ -25,7 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mim_jax import config_validation
-from mim_jax import malloc
+from mim_jax import evaluate
 from mim_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
@@ -39,9 +39,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "them (e.g. several processes on one machine).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "eval", "finetune"],
-                          "pretrain: train (and resume) in --workdir; eval: run the evaluators "
-                          "on saved params; finetune: fine-tune a pretrained encoder.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "pretrain", "finetune", "eval"],
+                          "train (or its aliases pretrain, finetune): train the config's method "
+                          "(and resume) in --workdir; eval: run the evaluators on saved params.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,17 +61,11 @@ def main(argv: list[str]) -> None:
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  else:
-    malloc.reexec_for_cpu()  # a single CPU process: keep step temporaries mapped (malloc.py)
   config = _CONFIG.value
   config_validation.validate(config)
   logging.info("config:\n%s", config)
   if _MODE.value == "eval":
-    from mim_jax.evaluators import standalone  # pylint: disable=g-import-not-at-top
-    results = standalone.run(config, _WORKDIR.value)
-  elif _MODE.value == "finetune":
-    from mim_jax import finetune  # pylint: disable=g-import-not-at-top
-    results = finetune.train_and_evaluate(config, _WORKDIR.value)
+    results = evaluate.run(config, _WORKDIR.value)
   else:
     results = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:

@@ -1,16 +1,21 @@
-"""Mask generators, drawn on the device inside the jitted step.
+"""Mask generators, drawn on the device inside the jitted step, picked by `config.mask.name`.
 
-Every generator has the form `(rng, batch, grid, ...) -> Mask` with a static number of kept
-tokens, so all shapes are known at trace time. The family shares one pattern: give each patch a
-score, argsort, keep the k lowest. A new strategy only has to produce a score; `keep_lowest`
-does the rest.
+Every generator has the form `(rng, batch, grid, ratio, **knobs) -> Mask` with a static number
+of kept tokens, so all shapes are known at trace time; its knobs are the config section
+`config.mask.<name>`. The family shares one pattern: give each patch a score, argsort, keep the
+k lowest. A new strategy only has to produce a score; `keep_lowest` does the rest. Methods draw
+through `draw(rng, batch, grid, spec)`, so any registered generator works with any method by
+config alone.
 """
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from mim_jax.registry import Registry
 
 
 class Mask(NamedTuple):
@@ -22,10 +27,10 @@ class Mask(NamedTuple):
 def num_visible(num_patches: int, mask_ratio: float) -> int:
   """Number of kept patches. Truncates like MAE: int(N * (1 - ratio))."""
   if not 0.0 < mask_ratio < 1.0:
-    raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    raise ValueError(f"mask.ratio must be in (0, 1), got {mask_ratio}")
   keep = int(num_patches * (1 - mask_ratio))
   if keep < 1:
-    raise ValueError(f"mask_ratio {mask_ratio} keeps no patch out of {num_patches}; "
+    raise ValueError(f"mask.ratio {mask_ratio} keeps no patch out of {num_patches}; "
                      f"use a ratio below {1 - 1 / num_patches:.4f}")
   return keep
 
@@ -68,7 +73,7 @@ def block_rectangles(u: jax.Array, grid: tuple[int, int], min_area: float | jax.
   flags the others. Returns int32 (top, left, h, w) and bool fits, each of shape u.shape[:-1].
   """
   if not 0.0 < min_aspect <= 1.0:
-    raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
+    raise ValueError(f"mask.block.min_aspect must be in (0, 1], got {min_aspect}")
   height, width = grid
   area = min_area + (max_area - min_area) * u[..., 0]
   aspect = jnp.exp(-math.log(min_aspect) * (2 * u[..., 1] - 1))
@@ -159,6 +164,12 @@ def block_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: fl
   the border of its blocks, so they stay attached to a block but it is no longer a rectangle.
   """
   height, width = grid
+  largest = (height - 1) * (width - 1)  # BEiT keeps a block strictly smaller than the grid.
+  if not 1 <= min_patches <= largest:
+    raise ValueError(f"mask.block.min_patches {min_patches} cannot fit the {height}x{width} patch "
+                     f"grid (blocks are at most {height - 1}x{width - 1}); use 1 .. {largest}")
+  if attempts < 1:
+    raise ValueError(f"mask.block.attempts must be positive, got {attempts}")
   num_patches = height * width
   num_keep = num_visible(num_patches, mask_ratio)
   k_blocks, k_fill = jax.random.split(rng)
@@ -186,8 +197,11 @@ def coarse_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: f
   cell's patches together, so exactly cells_kept * cell^2 patches are visible, whole cells only.
   """
   height, width = grid
-  if cell < 1 or height % cell or width % cell:
-    raise ValueError(f"mask cell of {cell} patches must tile the {height}x{width} patch grid")
+  tiles = lambda c: c >= 1 and not height % c and not width % c and (height // c) * (width // c) > 1
+  if not tiles(cell):
+    valid = [c for c in range(1, min(height, width) + 1) if tiles(c)]
+    raise ValueError(f"mask.coarse.cell {cell} (in patches) must tile the {height}x{width} "
+                     f"patch grid with more than one cell; valid: {valid}")
   ch, cw = height // cell, width // cell
   cells = ch * cw
   keep_cells = num_visible(cells, mask_ratio)
@@ -197,15 +211,49 @@ def coarse_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: f
   return keep_lowest(rank.astype(jnp.float32), keep_cells * cell * cell)
 
 
-MaskFn = Callable[[jax.Array, int, tuple[int, int], float], Mask]
+# ---------------------------------------------------------------------------------------------
+# The registry, and drawing by name.
+# ---------------------------------------------------------------------------------------------
 
-GENERATORS: dict[str, MaskFn] = {
+MaskFn = Callable[..., Mask]  # (rng, batch, grid, ratio, **knobs) -> Mask
+
+GENERATORS: Registry = Registry("mask generator", {
     "random": random_mask,
     "block": block_mask,
-}
+    "coarse": coarse_mask,
+})
 
 
-def get(name: str) -> MaskFn:
-  if name not in GENERATORS:
-    raise ValueError(f"unknown mask generator {name!r}; valid: {sorted(GENERATORS)}")
-  return GENERATORS[name]
+class MaskSpec(NamedTuple):
+  """A generator by name, its ratio and its knobs: hashable, so a flax module can hold it."""
+  name: str = "random"
+  ratio: float = 0.75
+  knobs: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def from_config(cls, mask_config: ml_collections.ConfigDict, name: str | None = None
+                  ) -> "MaskSpec":
+    """`config.mask`: its `name` (or the given one), `ratio`, and the knobs of that generator's
+    section `config.mask.<name>`."""
+    name = name or mask_config.name
+    knobs = mask_config[name].to_dict() if name in mask_config else {}
+    return cls(name, mask_config.ratio, tuple(sorted(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in knobs.items())))
+
+
+def draw(rng: jax.Array, batch: int, grid: tuple[int, int], spec: MaskSpec) -> Mask:
+  """`batch` masks over the patch grid, from the generator `spec` names."""
+  return GENERATORS[spec.name](rng, batch, grid, spec.ratio, **dict(spec.knobs))
+
+
+def num_kept(mask_config: ml_collections.ConfigDict, grid: tuple[int, int]) -> int:
+  """How many patches of `grid` the configured generator keeps visible, read off its traced
+  shapes (nothing is computed). Raises ValueError on a `config.mask` that cannot mask `grid`:
+  an unknown name, a bad ratio or a bad knob of the generator."""
+  spec = MaskSpec.from_config(mask_config)
+  return jax.eval_shape(lambda rng: draw(rng, 1, grid, spec), jax.random.key(0)).ids_keep.shape[1]
+
+
+def validate(mask_config: ml_collections.ConfigDict, grid: tuple[int, int]) -> None:
+  """Raises ValueError on a `config.mask` that cannot mask `grid` (see num_kept)."""
+  num_kept(mask_config, grid)

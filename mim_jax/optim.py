@@ -1,11 +1,13 @@
-"""The optimizer from the config: AdamW with linear warmup then cosine decay, a weight-decay mask
-and optional global-norm clipping."""
+"""The optimizer from the config: AdamW with linear warmup then cosine decay, a weight-decay mask,
+optional global-norm clipping and optional layer-wise lr decay (`optim.layer_decay` < 1)."""
 
 import re
 
 import jax
 import ml_collections
 import optax
+
+from mim_jax import tree_paths
 
 # Parameters that take no weight decay (MAE follows the common practice of not decaying norms,
 # biases, position embeddings and tokens): anything of rank <= 1, plus these names.
@@ -25,7 +27,7 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 def decay_mask(params) -> object:
   """True for the parameters that get weight decay."""
   def decays(path, leaf) -> bool:
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = tree_paths.name(path)
     return leaf.ndim > 1 and not _NO_DECAY.search(name)
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -36,38 +38,54 @@ def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
                    mask=decay_mask)
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  if o.layer_decay < 1:
+    tx = optax.chain(tx, scale_by_layer_decay(o.layer_decay))
   return tx
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on optimizer settings that cannot train."""
+  if not 0 < config.optim.layer_decay <= 1:
+    raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got "
+                     f"{config.optim.layer_decay}")
+
+
 # Layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE fine-tuning, He et al. 2021,
-# sec. A.1): the embeddings get the smallest lr, each block a little more, the head the full lr.
-_LAYER_0 = re.compile(r"(^|/)(patch_embed|cls|mask_token|pos_embedding)(/|$)")
-_BLOCK = re.compile(r"(^|/)block_(\d+)/")
+# sec. A.1): the encoder's embeddings get the smallest lr, each block a little more, and what
+# follows the encoder's blocks (its final norm, a head, a decoder) the full lr.
+_LAYER_0 = re.compile(r"^encoder/(.*/)?(patch_embed|cls|mask_token|pos_embedding)(/|$)")
+_BLOCK = re.compile(r"^encoder/(.*/)?block_(\d+)/")
+
+
+def encoder_depth(names: list[str]) -> int:
+  """The number of blocks of the encoder ('encoder/.../block_i/...') among parameter names."""
+  blocks = [int(m.group(2)) for m in map(_BLOCK.search, names) if m]
+  return max(blocks) + 1 if blocks else 0
 
 
 def layer_id(name: str, depth: int) -> int:
-  """A ViT parameter's layer for lr decay: 0 for the patch embedding and the cls / mask tokens,
-  i + 1 for block_i, depth + 1 for what follows the blocks (final norm, fc_norm, head)."""
+  """A parameter's layer for lr decay: 0 for the encoder's patch embedding, cls / mask tokens
+  and position table, i + 1 for its block_i, depth + 1 for everything else (the encoder's final
+  norm, fc_norm, the head)."""
   if _LAYER_0.search(name):
     return 0
   match = _BLOCK.search(name)
   return int(match.group(2)) + 1 if match else depth + 1
 
 
-def layer_decay_scales(params, depth: int, decay: float) -> object:
-  """The lr multiplier of every parameter: decay ** (depth + 1 - layer_id)."""
-  def scale(path, leaf) -> float:
-    del leaf
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    return decay ** (depth + 1 - layer_id(name, depth))
-  return jax.tree_util.tree_map_with_path(scale, params)
+def layer_decay_scales(params, decay: float) -> object:
+  """The lr multiplier of every parameter: decay ** (depth + 1 - layer_id), depth being the
+  encoder's (read from the parameter names)."""
+  depth = encoder_depth(list(tree_paths.flatten(params)))
+  return tree_paths.map_with_names(lambda name, _: decay ** (depth + 1 - layer_id(name, depth)),
+                                   params)
 
 
-def scale_by_layer_decay(depth: int, decay: float) -> optax.GradientTransformation:
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   """Multiplies each parameter's update by its `layer_decay_scales` factor. Chained after AdamW
   it scales the whole step, weight decay included, as a per-layer learning rate does."""
   def scale(updates, params):
     del params
-    scales = layer_decay_scales(updates, depth, decay)
+    scales = layer_decay_scales(updates, decay)
     return jax.tree.map(lambda u, s: u * s, updates, scales)  # s is a Python float: weakly typed
   return optax.stateless(scale)

@@ -31,6 +31,7 @@ from mim_jax import checkpoint
 from mim_jax import methods
 from mim_jax import models
 from mim_jax import pth
+from mim_jax import tree_paths
 from mim_jax.models import layers
 
 ENCODER_POSEMB = "encoder/pos_embedding"  # The learned table of ViT(posemb='learned'), [1, N, D].
@@ -44,13 +45,13 @@ def load_params(source: str, config: ml_collections.ConfigDict) -> dict[str, Any
   """The full parameter tree of `methods.build(config)` as numpy arrays, read from `source`
   (a workdir, an MAE `.pth` or an exported `.npz`). Raises CheckpointMismatchError when the
   source does not hold exactly the model's parameters."""
-  return _unflatten(_load(source, config, encoder_only=False))
+  return tree_paths.unflatten(_load(source, config, encoder_only=False))
 
 
 def load_encoder_params(source: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The tree under 'encoder' of `load_params`. Sources without a decoder (MAE's encoder-only
   release, an encoder export) load here; anything outside the encoder in the source is ignored."""
-  return _unflatten(_load(source, config, encoder_only=True))["encoder"]
+  return tree_paths.unflatten(_load(source, config, encoder_only=True))["encoder"]
 
 
 def expected_shapes(config: ml_collections.ConfigDict, *, encoder_only: bool = False
@@ -64,16 +65,10 @@ def expected_shapes(config: ml_collections.ConfigDict, *, encoder_only: bool = F
   if encoder_only:
     encoder = models.build_encoder(config)
     init = lambda rng, images: {"encoder": encoder.init(rngs(rng), images)["params"]}
-  else:
-    model = methods.build(config)
-    init = lambda rng, images: model.init(rngs(rng), images)["params"]
-  return flatten(jax.eval_shape(init, jax.random.key(0), images))
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-  """Nested dict -> {'a/b/c': leaf} (the names of `checkpoint.param_signature`)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+    return tree_paths.flatten(jax.eval_shape(init, jax.random.key(0), images))
+  model = methods.build(config)
+  return tree_paths.flatten(jax.eval_shape(lambda rng: methods.init_params(model, config, rng),
+                                           jax.random.key(0)))
 
 
 def resample_posemb(table: np.ndarray, new_grid: tuple[int, int],
@@ -229,7 +224,7 @@ def _read_workdir(workdir: str) -> dict[str, np.ndarray]:
   finally:
     handler.close()
   logging.info("read the params of step %d from %s", step, path)
-  return flatten(restored["params"])
+  return tree_paths.flatten(restored["params"])
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -369,14 +364,3 @@ def save_npz(path: str, flat: dict[str, np.ndarray], meta: dict[str, Any],
   arrays["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
   with epath.Path(path).open("wb") as f:
     np.savez(f, **arrays)
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree

@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mim_jax import tree_paths
+
 AXIS = "data"
 
 # (regex on parameter path, rule). 'replicate' or 'fsdp'.
@@ -39,10 +41,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def fsdp_spec(shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
   """Shards the largest dimension divisible by num_devices; replicates small or indivisible ones."""
   if np.prod(shape, dtype=np.int64) < min_size:
@@ -60,10 +58,9 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
   """NamedShardings for every leaf of a (shape-only) train state, from the rules above."""
   n = mesh.shape[AXIS]
 
-  def rule_for(path, leaf) -> NamedSharding:
+  def rule_for(name: str, leaf) -> NamedSharding:
     if not config.sharding.fsdp:
       return replicated(mesh)
-    name = path_name(path)
     for pattern, rule in FSDP_RULES:
       if re.fullmatch(pattern, name):
         if rule == "fsdp":
@@ -71,4 +68,4 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
         return replicated(mesh)
     return replicated(mesh)
 
-  return jax.tree_util.tree_map_with_path(rule_for, abstract_state)
+  return tree_paths.map_with_names(rule_for, abstract_state)

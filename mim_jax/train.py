@@ -1,12 +1,13 @@
 """The one trainer: mesh, input, init, sharded jitted step, checkpoints, metrics, final evals.
 
-Every method and model plugs in through the config; nothing here knows about MAE. The same code
-runs on one CPU, a multi-GPU host or a TPU pod: the step is a single `jax.jit` over a global mesh,
-and each process feeds its own shard of the batch.
+Every method plugs in through the config (pretraining objectives and fine-tuning alike); nothing
+here knows about MAE or about images. A method declares the arrays it consumes
+(`methods.inputs`), and the trainer builds the init inputs and batch shardings from that. The
+same code runs on one CPU, a multi-GPU host or a TPU pod: the step is a single `jax.jit` over a
+global mesh, and each process feeds its own shard of the batch.
 """
 
 import signal
-import time
 from typing import Any, Callable
 
 import flax
@@ -19,13 +20,18 @@ import optax
 from absl import logging
 
 from mim_jax import checkpoint
+from mim_jax import final_results
 from mim_jax import flops
+from mim_jax import init_from
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax.data import pipeline
+from mim_jax.evaluators import final
 from mim_jax.evaluators import suite
 from mim_jax.metric_writer import MetricWriter
+from mim_jax.progress import Progress
+from mim_jax.progress import fetch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,16 +49,10 @@ class TrainState:
 # Model, optimizer and sharded state.
 # ---------------------------------------------------------------------------------------------
 
-def input_shape(config: ml_collections.ConfigDict, batch: int) -> tuple[int, int, int, int]:
-  return (batch, config.image_size, config.image_size, config.data.channels)
-
-
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
-                 config: ml_collections.ConfigDict):
+                 config: ml_collections.ConfigDict) -> Callable[[jax.Array], TrainState]:
   def init(rng: jax.Array) -> TrainState:
-    params_rng, mask_rng = jax.random.split(rng)
-    images = jnp.zeros(input_shape(config, 1), jnp.float32)
-    params = model.init({"params": params_rng, "mask": mask_rng}, images)["params"]
+    params = methods.init_params(model, config, rng)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   return init
 
@@ -74,21 +74,27 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation,
                  ) -> tuple[TrainState, Any, Any]:
   """Parameters are born sharded: eval_shape, then shardings, then a jitted init placing each
   leaf straight into its sharding, so no host ever holds a full copy of an FSDP model.
-  Returns (state, abstract state with shardings, shardings)."""
+  With `config.init_from`, the pretrained parameters then replace the random ones
+  (mim_jax/init_from.py). Returns (state, abstract state with shardings, shardings)."""
   abstract, shardings = abstract_state(model, tx, config, mesh, rng)
   state = jax.jit(make_init_fn(model, tx, config), out_shardings=shardings)(rng)
+  if config.init_from:
+    state = state.replace(params=init_from.load(state.params, config, shardings.params))
   return state, abstract, shardings
 
 
-def make_step(loss_fn, tx: optax.GradientTransformation, state_shardings: Any,
-              mesh: jax.sharding.Mesh):
-  """A jitted step for any `loss_fn(params, batch, rng) -> (loss, metrics)`: loss and
-  gradients, optimizer update, scalar metrics. `batch` is an array or a dict of arrays, each
-  split over the data axis. The state is donated so its buffers are reused in place.
-  Randomness is fold_in(rng, step), so a resumed run draws the same masks without saving any
-  rng state. (Pretraining and fine-tuning, mim_jax/finetune.py, share it.)"""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_shardings: Any,
+                    mesh: jax.sharding.Mesh):
+  """The jitted step for any method: `batch` is a dict of the method's input arrays, each split
+  over the data axis; the method returns (loss, metrics); then gradients, the optimizer update
+  and scalar metrics. The state is donated so its buffers are reused in place. Randomness is
+  fold_in(rng, step), so a resumed run draws the same masks without saving any rng state."""
 
-  def step_fn(state: TrainState, batch: Any, rng: jax.Array):
+  def loss_fn(params, batch: dict[str, jax.Array], step_rng: jax.Array):
+    return model.apply({"params": params}, **batch, train=True,
+                       rngs={"mask": step_rng, "dropout": jax.random.fold_in(step_rng, 1)})
+
+  def step_fn(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
                                                                        step_rng)
@@ -102,15 +108,22 @@ def make_step(loss_fn, tx: optax.GradientTransformation, state_shardings: Any,
                  out_shardings=(state_shardings, repl), donate_argnums=0)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_shardings: Any,
-                    mesh: jax.sharding.Mesh):
-  """The pretraining step: the method's (loss, metrics) on a batch of images."""
-
-  def loss_fn(params, images: jax.Array, step_rng: jax.Array):
-    return model.apply({"params": params}, images, train=True,
-                       rngs={"mask": step_rng, "dropout": jax.random.fold_in(step_rng, 1)})
-
-  return make_step(loss_fn, tx, state_shardings, mesh)
+def device_batch(host_batch: dict[str, Any], inputs: dict[str, jax.ShapeDtypeStruct],
+                 batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows of the arrays the method consumes -> global arrays on the mesh.
+  Raises ValueError when the data lacks an input or gives it another per-example shape."""
+  out = {}
+  for name, spec in inputs.items():
+    if name not in host_batch:
+      raise ValueError(f"the method consumes {name!r}, which the data does not give (it gives "
+                       f"{sorted(host_batch)}); check data.name and method.name")
+    array = host_batch[name]
+    if tuple(array.shape[1:]) != spec.shape:
+      raise ValueError(f"the method expects {name!r} of per-example shape {spec.shape}, the "
+                       f"data gives {tuple(array.shape[1:])}")
+    out[name] = jax.make_array_from_process_local_data(batch_sharding,
+                                                       np.asarray(array, spec.dtype))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,16 +202,19 @@ def restore_or_create(config: ml_collections.ConfigDict, workdir: str, abstract:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in workdir), then runs the final evals.
-  Returns the last logged metrics and the eval results."""
+  Returns the last logged metrics and the eval results (also written to workdir/results.json;
+  rerunning a finished run returns them without training or evaluating again)."""
   # Installed first, so a preemption during start-up or compilation is not lost either.
   preemption = PreemptionWatcher()
 
   # Mesh and input.
   mesh = sharding.make_mesh()
   iterator = pipeline.train_iterator(config)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # Model and optimizer.
   model = methods.build(config)
+  inputs = methods.inputs(config)
   tx = optim.build(config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings = abstract_state(model, tx, config, mesh, init_rng)
@@ -207,62 +223,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.method.name, config.model.variant, num_params / 1e6, jax.device_count(),
                jax.process_count())
 
+  # State: the newest checkpoint, or a fresh (possibly pretrained) one.
   ckpt, state, last_saved = restore_or_create(
       config, workdir, abstract, iterator,
       lambda: create_state(model, tx, config, mesh, init_rng)[0])
-  start = int(state.step)
+  start = step = int(state.step)
+  finished = final_results.read(workdir, config.total_steps)
+  if finished is not None:
+    ckpt.close()
+    logging.info("this run finished already (step %d); its results are in %s", start,
+                 final_results.path(workdir))
+    return finished
 
+  # Step, evaluators, metrics.
   train_step = make_train_step(model, tx, state_shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  lr_fn = optim.learning_rate(config)
-  flops_per_image = methods.train_flops_per_example(config)
-  peak = flops.matmul_peak(jnp.dtype(config.model.dtype)) * jax.device_count()
-  writer = MetricWriter(workdir, resume_step=start)
   eval_suite = suite.Suite(config, model, mesh)  # the evaluators config.eval enables
+  writer = MetricWriter(workdir, resume_step=start)
+  progress = Progress(
+      start=start, total_steps=config.total_steps, log_every=config.log_every_steps,
+      batch_size=config.batch_size, flops_per_example=methods.train_flops_per_example(config),
+      peak_flops=flops.matmul_peak(jnp.dtype(config.model.dtype)) * jax.device_count(),
+      lr_fn=optim.learning_rate(config), write=writer.write,
+      check=lambda s, values: check_finite(s, values, last_saved, ckpt))
 
-  def fetch(step_metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-
-  # Metrics are read one step late, so the host never waits on the device mid-loop.
-  pending: tuple[int, Any] | None = None
-  last = {}
-  window_start, window_steps = time.perf_counter(), 0
-
-  def check_and_log(logged_step: int, step_metrics, steps_done: int, force: bool) -> None:
-    """Checks one step's metrics, and logs them on log steps (and when `force`).
-    `steps_done`: steps completed since the last log, for the throughput."""
-    nonlocal last, window_start, window_steps
-    values = fetch(step_metrics)
-    check_finite(logged_step, values, last_saved, ckpt)
-    if not (force or logged_step % config.log_every_steps == 0 or logged_step == start + 1):
-      return
-    elapsed = time.perf_counter() - window_start
-    # The first window includes compilation, so its rate would mislead.
-    rate = config.batch_size * steps_done / elapsed if logged_step > start + 1 else 0.0
-    values.update(lr=float(lr_fn(logged_step - 1)), images_per_sec=rate,
-                  mfu=rate * flops_per_image / peak)
-    eta = (config.total_steps - logged_step) * config.batch_size / rate if rate else 0.0
-    logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  MFU %.2f  ETA %s",
-                 logged_step, config.total_steps, values["loss"], values["lr"], rate,
-                 values["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)))
-    writer.write(logged_step, values)
-    last = values
-    window_start, window_steps = time.perf_counter(), window_steps - steps_done
-
-  # Any exit from the loop, an error included, lets in-flight saves commit first.
+  # The loop. Any exit from it, an error included, lets in-flight saves commit first.
   try:
-    step = start
     while step < config.total_steps:
-      batch = next(iterator)
-      images = jax.make_array_from_process_local_data(batch_sharding, batch["image"])
-      state, metrics = train_step(state, images, train_rng)
+      batch = device_batch(next(iterator), inputs, batch_sharding)
+      state, metrics = train_step(state, batch, train_rng)
       step += 1
-      window_steps += 1
-
-      if pending is not None:
-        # The step just dispatched is still running: it counts towards the next window.
-        check_and_log(*pending, steps_done=window_steps - 1, force=False)
-      pending = (step, metrics)
+      progress.push(step, metrics)  # reads the previous step's metrics, logs on log steps
 
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
@@ -271,28 +261,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_saved = step
       if eval_suite.due(step) and not preempted:  # periodic evals: config.eval.every_steps
         check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
-        eval_start = time.perf_counter()
-        writer.write(step, eval_suite.run(state.params, "pretrained"))
-        window_start += time.perf_counter() - eval_start  # not counted against img/s
+        with progress.paused():  # not counted against the throughput
+          writer.write(step, eval_suite.run(state.params, config.eval.run_name))
       if preempted:
         logging.warning("stopped for preemption at step %d; rerun the same command to resume",
                         step)
         break
-
-    if pending is not None:
-      # The last step (final or preempted) is always logged, so a resumed run's metrics.jsonl
-      # continues it without a gap.
-      check_and_log(*pending, steps_done=window_steps, force=True)
+    progress.flush()  # the last step is always logged, so a resumed run continues it
   finally:
     ckpt.wait()
     ckpt.close()
-  results = dict(last)
+
+  results = dict(progress.last)
   if step >= config.total_steps:
-    from mim_jax.evaluators import final  # pylint: disable=g-import-not-at-top
-    results.update(final.run(config, workdir, model, state.params, eval_suite,
-                             make_init_fn(model, tx, config), init_rng))
-    evals = {k: v for k, v in results.items() if k not in last}
+    evals = final.run(config, workdir, model, state.params, eval_suite,
+                      lambda rng: methods.init_params(model, config, rng), init_rng)
     if evals:
       writer.write(step, evals)
+    results.update(evals)
+    final_results.write(workdir, step, results)
   writer.close()
   return results

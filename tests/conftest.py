@@ -1,8 +1,212 @@
-"""Every in-process test sees 8 fake CPU devices: the flag must be set before jax is imported."""
+"""Test setup and the helpers several test files share (`from conftest import Trainer, ...`).
+
+Every in-process test sees 8 fake CPU devices: the flag must be set before jax is imported, so
+it is set first, above the imports.
+
+Compilation dominates the suite's time on CPU, and many tests compile the same programs again:
+a new jit of the same step in another fixture, or a `python -m mim_jax.main` subprocess per run.
+So the session has a persistent XLA compilation cache, which the subprocesses inherit through
+the environment. It starts empty in a fresh directory each session (removed at the end), so a
+run never meets entries from other code; entries are keyed by the compiled program, the compile
+options, the XLA flags and the jax version, so a hit is the executable a compile would produce.
+Every compile is cached (min time 0), not only those over jax's default 1 s. Measured on 2 busy
+cores, tests/test_train.py (whose runs already shared a cache of the >1 s compiles) took 109-128 s
+(mean 118) without this and 90-117 s (mean 102) with it, in four back-to-back pairs. Set
+JAX_COMPILATION_CACHE_DIR to choose the directory (it is then kept), or
+JAX_ENABLE_COMPILATION_CACHE=false to compile everything.
+"""
 
 import os
+import shutil
+import tempfile
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="mim_jax_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from mim_jax import flops
+from mim_jax import methods
+from mim_jax import optim
+from mim_jax import sharding
+from mim_jax import train
+from mim_jax import tree_paths
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The micro MAE: a Mu/4 ViT (2 blocks of width 64) and a 1x32 decoder on 16-px digits, batch 16.
+# It trains in seconds on a CPU; the trainer, notebook and weights tests all run it.
+MICRO_MAE = "variant=Mu/4,decoder=1x32,image_size=16,batch_size=16,data=digits"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, arrays and parameter trees.
+# ---------------------------------------------------------------------------------------------
+
+def set_peak_lr(config: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
+  """No warmup and a peak lr of `lr` from step 0, so a step visibly moves every parameter (a
+  paper's recipe gives lr 0 at step 0, a no-op update to compare)."""
+  config.optim.warmup_steps = 0
+  config.optim.base_lr = lr * config.optim.lr_batch_base / config.batch_size
+  return config
+
+
+def no_evals(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches off every end-of-training evaluation and the reconstruction PNG."""
+  for value in config.eval.values():
+    if isinstance(value, ml_collections.ConfigDict) and "enabled" in value:
+      value.enabled = False
+  config.eval.reconstruction_png = False
+  return config
+
+
+def random_images(shape, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def num_params(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(config: ml_collections.ConfigDict):
+  """The parameter tree of the config's method, traced only (jax.eval_shape: nothing is
+  allocated)."""
+  model = methods.build(config)
+  return jax.eval_shape(lambda r: methods.init_params(model, config, r), jax.random.key(0))
+
+
+def traced_matmul_flops(config: ml_collections.ConfigDict, batch: int = 2) -> tuple[int, int]:
+  """Matmul FLOPs of the method's loss and of its gradient on a batch of `batch` examples,
+  counted one by one in the traced programs (flops.jaxpr_matmul_flops); nothing is compiled."""
+  model = methods.build(config)
+  inputs = {name: jax.ShapeDtypeStruct((batch,) + spec.shape, spec.dtype)
+            for name, spec in methods.inputs(config).items()}
+  rng = jax.random.key(0)
+  params = abstract_params(config)
+  loss = lambda p, b, r: model.apply({"params": p}, **b, rngs={"mask": r})[0]
+  forward = flops.jaxpr_matmul_flops(jax.make_jaxpr(loss)(params, inputs, rng))
+  gradient = flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(loss))(params, inputs, rng))
+  return forward, gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# Real train steps on a mesh, and comparing their results across meshes.
+# ---------------------------------------------------------------------------------------------
+
+def mesh_of(devices) -> jax.sharding.Mesh:
+  return jax.make_mesh((len(devices),), (sharding.AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def to_host(tree):
+  # np.array copies. On CPU, np.asarray and jax.device_get return zero-copy views that pin the
+  # device buffer, and jit then silently skips donating it.
+  return jax.tree.map(np.array, tree)
+
+
+class Trainer:
+  """The trainer's own state creation and jitted step (train.create_state, make_train_step) on
+  `mesh`. The state is born sharded from `init_rng`, or, given `initial_state` (host arrays,
+  e.g. another Trainer's), placed from it, which saves compiling init for this mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               init_rng: jax.Array, initial_state=None):
+    self.mesh = mesh
+    model, tx = methods.build(config), optim.build(config)
+    if initial_state is None:
+      self.state, _, self.shardings = train.create_state(model, tx, config, mesh, init_rng)
+      initial_state = to_host(self.state)
+    else:
+      _, self.shardings = train.abstract_state(model, tx, config, mesh, init_rng)
+      self.state = jax.device_put(initial_state, self.shardings)
+    self.initial_state = initial_state
+    self._step = train.make_train_step(model, tx, self.shardings, mesh)
+
+  def step(self, batch: dict[str, np.ndarray], rng: jax.Array) -> dict[str, np.ndarray]:
+    """One train step on `batch` (the method's inputs, e.g. {'image': ...}), split over the
+    mesh; returns its metrics on the host."""
+    batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+    self.state, metrics = self._step(self.state, batch, rng)
+    return to_host(metrics)
+
+  def run(self, batches, rng: jax.Array) -> list[dict[str, np.ndarray]]:
+    return [self.step(images, rng) for images in batches]
+
+
+def drop_key_bias(tree):
+  """Removes the key third of every fused qkv bias.
+
+  Softmax is shift-invariant and q.(k + b) = q.k + q.b adds the same logit to every key of a
+  query, so the key bias has an exactly zero gradient: what autodiff returns is rounding noise
+  (measured 1e-10, against 1e-3 to 1e-1 for the query and value biases), which Adam turns into
+  an update of lr * noise / (|noise| + eps) whose sign depends on summation order. Comparing it
+  across device counts compares noise, so it is left out."""
+  def drop(name, x):
+    if name.endswith("attn/qkv/bias"):
+      d = x.shape[-1] // 3
+      return np.concatenate([x[..., :d], x[..., 2 * d:]], -1)
+    return x
+  return tree_paths.map_with_names(drop, tree)
+
+
+def assert_trees_close(got, want, rtol, atol, max_outliers=0.0, outlier_atol=0.0):
+  """Every leaf within rtol/atol, except at most a `max_outliers` fraction of all elements,
+  which must still be within `outlier_atol`. Key biases are left out (`drop_key_bias`).
+  tests/test_sharding.py explains the outliers and measures the tolerances."""
+  got, want = drop_key_bias(got), drop_key_bias(want)
+  outliers, total = 0, 0
+  for (name, g), w in zip(tree_paths.flatten(got).items(), jax.tree.leaves(want)):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(g, w, rtol=0, atol=max(atol, outlier_atol), err_msg=name)
+    outliers += int((np.abs(g - w) > atol + rtol * np.abs(w)).sum())
+    total += g.size
+  assert outliers <= max_outliers * total, f"{outliers} of {total} elements out of tolerance"
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses.
+# ---------------------------------------------------------------------------------------------
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+  """This process's environment for a child process on CPU with `devices` fake devices (the 8
+  set above are replaced: a child compiles for what it runs on)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def run_module(module: str, *flags: str, devices: int = 1,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+  """`python -m <module> <flags>` from the repo root, in `subprocess_env(devices)`; stdout and
+  stderr are captured and a failure is returned, not raised."""
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO,
+                        env=subprocess_env(devices), capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def pytest_unconfigure(config) -> None:
+  """Removes the session's compilation cache (not one JAX_COMPILATION_CACHE_DIR chose)."""
+  del config
+  if _SESSION_CACHE is not None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Tests of CAE (mim_jax/methods/cae.py) and of BEiT's block-wise masking (masking.block_*):
 the blocks are rectangles of the configured areas and aspect ratios, the count is exact, the
-generator jits; CAE trains on digits, its sharded step equals the one-device step, the
-alignment target gets no gradient, and the analytic FLOP count matches the traced matmuls."""
+generator jits; the regressor's cross-attention and the blocks' parameter names; CAE trains on
+digits, its sharded step equals the one-device step, the alignment target gets no gradient, and
+the analytic FLOP count matches the traced matmuls."""
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +15,11 @@ from mim_jax import flops
 from mim_jax import masking
 from mim_jax import methods
 from mim_jax import optim
-from mim_jax import sharding
-from mim_jax import train
 from mim_jax.data import pipeline
 from mim_jax.methods import cae
 from mim_jax.models import layers
 from mim_jax.models import vit
+from conftest import Trainer, assert_trees_close, mesh_of, to_host
 
 # ---------------------------------------------------------------------------------------------
 # Block masking. Few distinct static shapes, so few compiled programs.
@@ -138,7 +138,7 @@ def test_fill_to_count_is_exact_masks_the_union_first_then_its_border():
 
 def test_block_mask_is_the_union_filled_to_count_and_jits():
   batch, grid, ratio = 512, (14, 14), 0.5
-  assert masking.get("block") is masking.block_mask
+  assert masking.GENERATORS["block"] is masking.block_mask
   rng = jax.random.key(5)
   m = block_mask(rng, batch, grid, ratio)
   mask = np.asarray(m.mask)
@@ -163,6 +163,47 @@ def test_block_mask_is_the_union_filled_to_count_and_jits():
 
 
 # ---------------------------------------------------------------------------------------------
+# The regressor's and decoder's blocks: parameter names and the shared attention.
+# ---------------------------------------------------------------------------------------------
+
+def test_cross_attention_is_the_shared_attention_on_its_own_projections():
+  """CrossAttention projects queries, keys (no bias) and values separately, then runs
+  layers.dot_product_attention: the same as jax.nn.dot_product_attention on those projections."""
+  b, n, m, d, heads = 2, 3, 5, 16, 2
+  rng = np.random.default_rng(0)
+  queries, keys, values = (rng.normal(size=(b, t, d)).astype(np.float32) for t in (n, m, m))
+  attn = cae.CrossAttention(heads)
+  params = jax.jit(attn.init)(jax.random.key(0), queries, keys, values)["params"]
+  assert {k: set(v) for k, v in params.items()} == {
+      "q": {"kernel", "bias"}, "k": {"kernel"}, "v": {"kernel", "bias"},
+      "proj": {"kernel", "bias"}}
+  got = jax.jit(attn.apply)({"params": params}, queries, keys, values)
+  p = params
+  split = lambda x: x.reshape(b, x.shape[1], heads, d // heads)
+  out = jax.nn.dot_product_attention(split(queries @ p["q"]["kernel"] + p["q"]["bias"]),
+                                     split(keys @ p["k"]["kernel"]),
+                                     split(values @ p["v"]["kernel"] + p["v"]["bias"]))
+  want = out.reshape(b, n, d) @ p["proj"]["kernel"] + p["proj"]["bias"]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_block_parameters_keep_their_names_and_layer_scale_init():
+  """The decoder block is layers.Block with layer scale: CAE's names (checkpoints load) and
+  gamma initialised to the configured 0.1; the regressor block has its three input norms."""
+  x = jnp.zeros((1, 3, 16))
+  decoder = jax.eval_shape(cae.DecoderBlock(2, 64, layer_scale=0.1).init, jax.random.key(0), x)
+  assert set(decoder["params"]) == {"norm1", "attn", "gamma_1", "norm2", "mlp", "gamma_2"}
+  regressor = cae.RegressorBlock(2, 64, layer_scale=0.1)
+  params = jax.jit(regressor.init)(jax.random.key(0), x, x, x, x)["params"]
+  assert set(params) == {"norm_q", "norm_k", "norm_v", "cross_attn", "gamma_1", "norm2", "mlp",
+                         "gamma_2"}
+  assert set(params["norm_k"]) == {"scale"}  # no bias: softmax would ignore it
+  np.testing.assert_array_equal(params["gamma_1"], np.full(16, 0.1, np.float32))
+  plain = jax.eval_shape(cae.DecoderBlock(2, 64).init, jax.random.key(0), x)["params"]
+  assert "gamma_1" not in plain  # layer scale 0: no parameter, the plain block
+
+
+# ---------------------------------------------------------------------------------------------
 # CAE. One small config: Mu/4 encoder (width 64) at 16 px = a 4x4 grid, 8 of 16 masked in
 # blocks of >= 4, regressor 1 and decoder 1 block at width 32 (so the projection runs too).
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +214,7 @@ LR = 1e-3
 
 def make_config(arg: str = ARG):
   config = cae_vit.get_config(arg)
-  config.method.block_min_patches = 4
+  config.mask.block.min_patches = 4
   config.total_steps = 100
   config.optim.warmup_steps = 0   # Peak lr from step 0, so the first steps move every param.
   config.optim.base_lr = LR * config.optim.lr_batch_base / config.batch_size
@@ -181,61 +222,28 @@ def make_config(arg: str = ARG):
   return config
 
 
-def mesh_of(devices) -> jax.sharding.Mesh:
-  return jax.make_mesh((len(devices),), (sharding.AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def to_host(tree):
-  return jax.tree.map(np.array, tree)  # Copies, so the donated device buffers are not pinned.
-
-
-class Trainer:
-  """The trainer's own state creation and jitted step, compiled once per mesh. With
-  `initial_state` (host arrays), the state is placed from it instead of compiled init."""
-
-  def __init__(self, config, mesh, initial_state=None):
-    self.mesh = mesh
-    model, tx = methods.build(config), optim.build(config)
-    if initial_state is None:
-      self.state, _, shardings = train.create_state(model, tx, config, mesh, jax.random.key(0))
-    else:
-      _, shardings = train.abstract_state(model, tx, config, mesh, jax.random.key(0))
-      self.state = jax.device_put(initial_state, shardings)
-    self.initial_state = to_host(self.state)
-    self.init_params = self.initial_state.params
-    self.step = train.make_train_step(model, tx, shardings, mesh)
-
-  def run(self, batches, rng=jax.random.key(1)):
-    metrics = []
-    for images in batches:
-      images = jax.device_put(images, sharding.batch_sharding(self.mesh))
-      self.state, m = self.step(self.state, images, rng)
-      metrics.append(to_host(m))
-    return metrics
-
-
 FIRST = 2  # Steps compared between one and eight devices.
+RNG = jax.random.key(1)
 
 
 @pytest.fixture(scope="module")
 def digits():
   config = make_config()
   iterator = pipeline.train_iterator(config, process_index=0, process_count=1)
-  return [next(iterator)["image"] for _ in range(30)]
+  return [{"image": next(iterator)["image"]} for _ in range(30)]
 
 
 @pytest.fixture(scope="module")
 def one_device(digits):
   """One device, the first FIRST steps taken: their metrics and the params after them."""
-  trainer = Trainer(make_config(), mesh_of(jax.devices()[:1]))
-  trainer.first_metrics = trainer.run(digits[:FIRST])
+  trainer = Trainer(make_config(), mesh_of(jax.devices()[:1]), jax.random.key(0))
+  trainer.first_metrics = trainer.run(digits[:FIRST], RNG)
   trainer.first_params = to_host(trainer.state.params)
   return trainer
 
 
 def test_cae_loss_falls_on_digits(one_device, digits):
-  metrics = one_device.first_metrics + one_device.run(digits[FIRST:])
+  metrics = one_device.first_metrics + one_device.run(digits[FIRST:], RNG)
   loss = np.array([m["loss"] for m in metrics])
   rec = np.array([m["loss_rec"] for m in metrics])
   align = np.array([m["loss_align"] for m in metrics])
@@ -245,26 +253,15 @@ def test_cae_loss_falls_on_digits(one_device, digits):
   assert rec[-5:].mean() < rec[:5].mean(), rec
 
 
-def drop_key_bias(tree):
-  """Drops the key third of fused qkv biases: softmax is shift-invariant, so its gradient is
-  exactly zero and what autodiff returns is rounding noise that Adam amplifies (see
-  tests/test_sharding.py)."""
-  def drop(path, x):
-    if sharding.path_name(path).endswith("attn/qkv/bias"):
-      d = x.shape[-1] // 3
-      return np.concatenate([x[..., :d], x[..., 2 * d:]], -1)
-    return x
-  return jax.tree_util.tree_map_with_path(drop, tree)
-
-
 def test_sharded_step_matches_one_device(one_device, digits):
   """Data parallel on the 8 fake devices: the same losses, grad norms and updated parameters
   as one device, to fp32 tolerance (the gradient is summed in another order)."""
   assert jax.device_count() == 8
   # The trainer's born-sharded init is tested in tests/test_sharding.py; here the state is
   # placed from the one-device initial state, which saves compiling init for 8 devices.
-  eight = Trainer(make_config(), mesh_of(jax.devices()), one_device.initial_state)
-  m8, m1 = eight.run(digits[:FIRST]), one_device.first_metrics
+  eight = Trainer(make_config(), mesh_of(jax.devices()), jax.random.key(0),
+                  one_device.initial_state)
+  m8, m1 = eight.run(digits[:FIRST], RNG), one_device.first_metrics
   for a, b in zip(m1, m8):
     for key in ("loss", "loss_rec", "loss_align", "grad_norm"):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
@@ -272,15 +269,10 @@ def test_sharded_step_matches_one_device(one_device, digits):
   # Within fp32 tolerance after two Adam steps of lr 1e-3 from the same state, except a few
   # elements whose gradient is within Adam's eps of zero (see tests/test_sharding.py): at most
   # 1 in 10,000, each within lr / 10.
-  leaves = lambda t: jax.tree.leaves(drop_key_bias(t))
   p1, p8 = one_device.first_params, to_host(eight.state.params)
-  outliers = total = 0
-  for a, b in zip(leaves(p1), leaves(p8)):
-    np.testing.assert_allclose(b, a, rtol=0, atol=LR / 10)
-    outliers += int((np.abs(b - a) > 1e-6 + 1e-5 * np.abs(a)).sum())
-    total += a.size
-  assert outliers <= 1e-4 * total, (outliers, total)
-  for before, after in zip(leaves(one_device.init_params), leaves(p1)):
+  assert_trees_close(p8, p1, 1e-5, 1e-6, max_outliers=1e-4, outlier_atol=LR / 10)
+  for before, after in zip(jax.tree.leaves(one_device.initial_state.params),
+                           jax.tree.leaves(p1)):
     assert np.abs(after - before).max() > LR / 2  # Every parameter moved: not vacuous.
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(eight.state.params))
 
@@ -295,7 +287,7 @@ def test_stop_gradient_blocks_the_alignment_target(one_device):
   model = methods.build(config)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 1)), jnp.float32)
   rngs = {"mask": jax.random.key(4)}
-  params = one_device.init_params
+  params = one_device.initial_state.params
   gen = np.random.default_rng(5)  # numpy: no program to compile per parameter shape.
   direction = jax.tree.map(lambda x: gen.normal(size=x.shape).astype(np.float32), params)
 
@@ -338,7 +330,7 @@ def test_analytic_flops_match_the_traced_matmuls(arg):
   3x the trained forward + 1x the target forward (nothing flows back through the stop-gradient),
   minus the patch embedding's input gradient, which is never needed (images get no gradient)."""
   config = make_config(arg)
-  config.method.block_min_patches = 16
+  config.mask.block.min_patches = 16
   batch = 2
   model = methods.build(config)
   images = jax.ShapeDtypeStruct((batch, 64, 64, 3), jnp.float32)
@@ -361,15 +353,20 @@ def test_analytic_flops_match_the_traced_matmuls(arg):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("block_min_patches", 10, r"block_min_patches 10 cannot fit the 4x4 patch grid.*1 \.\. 9"),
-    ("heads", 3, "width 32 is not divisible by method.heads 3"),
-    ("mask", "blocky", "unknown mask generator 'blocky'.*'block'"),
-    ("mask_ratio", 1.0, "mask_ratio must be in"),
-    ("block_min_aspect", 1.5, r"block_min_aspect must be in \(0, 1\], got 1.5"),
+    ("mask.block.min_patches", 10,
+     r"mask.block.min_patches 10 cannot fit the 4x4 patch grid.*1 \.\. 9"),
+    ("method.heads", 3, "width 32 is not divisible by method.heads 3"),
+    ("mask.name", "blocky", "unknown mask generator 'blocky'.*'block'"),
+    ("mask.ratio", 1.0, "mask.ratio must be in"),
+    ("mask.block.min_aspect", 1.5, r"mask.block.min_aspect must be in \(0, 1\], got 1.5"),
 ])
 def test_validation_names_the_bad_value(field, value, expected):
   config = make_config()
-  config.method[field] = value
+  *sections, key = field.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[key] = value
   with pytest.raises(ValueError, match=expected):
     config_validation.validate(config)
 
@@ -378,11 +375,12 @@ def test_paper_recipe_in_config():
   c = cae_vit.get_config("batch_size=2048")
   m, o = c.method, c.optim
   assert (m.regressor_depth, m.decoder_depth, m.width, m.heads) == (4, 4, 768, 12)
-  assert (m.mask, m.mask_ratio, m.block_min_patches, m.block_min_aspect) == ("block", 0.5, 16, 0.3)
+  k = c.mask
+  assert (k.name, k.ratio, k.block.min_patches, k.block.min_aspect) == ("block", 0.5, 16, 0.3)
   assert m.align_weight == 2.0 and m.layer_scale == 0.1
   assert (o.b1, o.b2, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.999, 0.05, 3.0, 1e-5)
   assert float(optim.learning_rate(c)(o.warmup_steps)) == pytest.approx(1.5e-3)
   assert c.total_steps == 40 * o.warmup_steps  # 800 epochs, 20 of warmup.
-  assert masking.num_visible(196, m.mask_ratio) == 98
+  assert masking.num_kept(c.mask, (14, 14)) == 98
   with pytest.raises(ValueError, match="unknown config argument 'decoderr'.*regressor"):
     cae_vit.get_config("decoderr=1x32")

@@ -130,7 +130,7 @@ def test_defaults_are_the_papers():
   config = crate_mae_config.get_config("variant=base/16")
   assert (config.model.ista_eta, config.model.ista_lambda) == (0.1, 0.5)
   assert config.method.decoder_depth == 12 and config.method.encoder_mask_tokens is True
-  assert config.method.mask_ratio == 0.75
+  assert (config.mask.name, config.mask.ratio) == ("random", 0.75)
   assert crate_mae_config.get_config("variant=large/16").method.decoder_depth == 24
 
 
@@ -245,7 +245,7 @@ def test_crate_mae_flops_at_base():
     ("method.decoder_depth", 0, "decoder_depth must be at least 1, got 0"),
     ("image_size", 30, "image_size 30 is not divisible by the patch size 4"),
     ("model.ista_eta", 0.0, "ista_eta must be > 0"),
-    ("method.mask", "bogus", "unknown mask generator 'bogus'"),
+    ("mask.name", "bogus", "unknown mask generator 'bogus'"),
 ])
 def test_bad_config_names_the_value(field, value, message):
   config = crate_mae_config.get_config("runlocal")
@@ -315,7 +315,7 @@ def train_config():
 @pytest.fixture(scope="module")
 def digits_batches():
   iterator = pipeline.train_iterator(train_config())
-  return [next(iterator)["image"] for _ in range(TRAIN_STEPS)]
+  return [{"image": next(iterator)["image"]} for _ in range(TRAIN_STEPS)]
 
 
 def run(mesh, batches):

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from configs import mae_vit
+from conftest import MICRO_MAE
+from conftest import mesh_of
 from mim_jax import config_validation
 from mim_jax import methods
 from mim_jax import sharding
@@ -27,11 +29,6 @@ from mim_jax.evaluators import linear_probe
 from mim_jax.evaluators import suite
 
 ARG = "runlocal,variant=Mu/4,decoder=1x32,batch_size=64"
-
-
-def mesh_of(devices) -> jax.sharding.Mesh:
-  return jax.make_mesh((len(devices),), (sharding.AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +241,7 @@ def test_feature_spec_errors():
 def test_periodic_evals_in_metrics(tmp_path):
   """Every eval.every_steps the suite runs on the pretrained params and writes to the run's
   metrics.jsonl; the last step gets the final evals, with the baselines."""
-  config = mae_vit.get_config("variant=Mu/4,decoder=1x32,data=digits,image_size=16,batch_size=16")
+  config = mae_vit.get_config(MICRO_MAE)
   config.total_steps, config.log_every_steps = 6, 3
   config.eval.every_steps = 2
   config.eval.reconstruction_png = False

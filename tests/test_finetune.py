@@ -1,6 +1,7 @@
-"""Tests of fine-tuning (mim_jax/finetune.py): the layer-wise lr decay of the optimizer, drop
-path, Mixup/CutMix, loading a pretrained encoder, a sharded step on 8 devices against 1, and a
-real fine-tune on digits (the trainer end to end, then resumed)."""
+"""Tests of fine-tuning, a method of the one trainer (mim_jax/methods/finetune.py): the
+layer-wise lr decay of the optimizer, drop path, Mixup/CutMix, loading a pretrained encoder
+(config.init_from), a sharded step on 8 devices against 1, and a real fine-tune on digits (the
+trainer end to end with the top-1 evaluator, then rerun when finished)."""
 
 import functools
 import json
@@ -16,14 +17,14 @@ from configs import finetune_vit
 from configs import mae_vit
 from mim_jax import checkpoint
 from mim_jax import config_validation
-from mim_jax import finetune
+from mim_jax import init_from
 from mim_jax import methods
 from mim_jax import mixup
 from mim_jax import optim
 from mim_jax import pretrained
 from mim_jax import sharding
 from mim_jax import train
-from mim_jax.models import classifier
+from mim_jax import tree_paths
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -37,20 +38,7 @@ def mesh_of(devices) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def flat(tree) -> dict:
-  return {sharding.path_name(path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def unflatten(named: dict) -> dict:
-  tree = {}
-  for name, leaf in named.items():
-    *parents, last = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
+flat, unflatten = tree_paths.flatten, tree_paths.unflatten
 
 
 def to_host(tree):
@@ -58,14 +46,18 @@ def to_host(tree):
 
 
 def test_config_validation():
-  config_validation.validate(make_config())  # the runlocal config (no method section) is valid
+  config_validation.validate(make_config())
   bad = make_config()
-  bad.finetune.drop_path, bad.finetune.mix_prob = 1.0, 2.0
-  with pytest.raises(ValueError, match=r"finetune.drop_path=1.0, finetune.mix_prob=2.0"):
+  bad.method.drop_path, bad.method.mix_prob = 1.0, 2.0
+  with pytest.raises(ValueError, match=r"method.drop_path=1.0, method.mix_prob=2.0"):
     config_validation.validate(bad)
   bad = make_config()
-  bad.finetune.pool = "max"
-  with pytest.raises(ValueError, match="finetune.pool"):
+  bad.method.pool = "max"
+  with pytest.raises(ValueError, match="method.pool"):
+    config_validation.validate(bad)
+  bad = make_config()
+  bad.optim.layer_decay = 1.5
+  with pytest.raises(ValueError, match=r"optim.layer_decay must be in \(0, 1\]"):
     config_validation.validate(bad)
 
 
@@ -79,10 +71,9 @@ def test_layer_decay_scales_and_optimizer_update():
   the built optimizer applies it to the Adam step and to the weight decay alike."""
   config = make_config()
   config.optim.warmup_steps = 0
-  config.finetune.layer_decay = decay = 0.5
-  model = classifier.build(config)
-  shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16, 16, 1))),
-                          jax.random.key(0))["params"]
+  config.optim.layer_decay = decay = 0.5
+  model = methods.build(config)
+  shapes = jax.eval_shape(lambda r: methods.init_params(model, config, r), jax.random.key(0))
   names = set(flat(shapes))
   assert "encoder/norm/scale" not in names  # gap pooling: fc_norm instead of the final norm
   assert {"fc_norm/scale", "head/kernel", "encoder/pos_embedding", "encoder/cls"} <= names
@@ -97,10 +88,10 @@ def test_layer_decay_scales_and_optimizer_update():
     assert name.startswith(("fc_norm/", "head/")), name
     return 1.0
 
-  scales = flat(optim.layer_decay_scales(shapes, 2, decay))
+  scales = flat(optim.layer_decay_scales(shapes, decay))
   assert scales == {name: expected_scale(name) for name in names}
 
-  tx = finetune.build_optimizer(config)
+  tx = optim.build(config)
   peak = float(optim.learning_rate(config)(0))
   assert peak == pytest.approx(config.optim.base_lr * 16 / 256)
   first_update = jax.jit(lambda grads, params: tx.update(grads, tx.init(params), params)[0])
@@ -124,6 +115,11 @@ def test_layer_ids():
   assert optim.layer_id("encoder/blocks/block_11/norm1/scale", 12) == 12
   assert optim.layer_id("encoder/norm/scale", 12) == 13
   assert optim.layer_id("head/kernel", 12) == 13
+  # Only the encoder's blocks are layers: a decoder's get the full lr.
+  assert optim.layer_id("decoder/blocks/block_0/mlp/fc1/kernel", 12) == 13
+  assert optim.layer_id("decoder/mask_token", 12) == 13
+  assert optim.encoder_depth(["encoder/blocks/block_3/x", "encoder/blocks/block_11/y",
+                              "decoder/blocks/block_20/z"]) == 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +235,7 @@ def step_config():
   config.optim.warmup_steps = 0
   config.optim.base_lr = LR * 256 / config.batch_size
   # The paper's Mixup / CutMix, which runlocal turns off.
-  config.finetune.mixup_alpha, config.finetune.cutmix_alpha = 0.8, 1.0
+  config.method.mixup_alpha, config.method.cutmix_alpha = 0.8, 1.0
   return config
 
 
@@ -247,8 +243,8 @@ def step_config():
 def eight_devices():
   """A Mu classifier's state on 8 devices. Tests copy it before any donating step."""
   config = step_config()
-  model = classifier.build(config)
-  tx = finetune.build_optimizer(config)
+  model = methods.build(config)
+  tx = optim.build(config)
   state, _, shardings = train.create_state(model, tx, config, mesh_of(jax.devices()),
                                            jax.random.key(0))
   return config, model, tx, state, shardings
@@ -270,15 +266,15 @@ def test_with_encoder_loads_pretrained_params(eight_devices, mae_encoder):
   # pretrained sin-cos table; mim_jax.pretrained adds it, as here).
   table = layers.sincos_posemb_2d((4, 4), 64)[None]
   given = {**mae_encoder, "pos_embedding": table}
-  loaded = finetune.with_encoder(state, given, shardings)
-  got = flat(to_host(loaded.params["encoder"]))
+  loaded = init_from.with_encoder(state.params, given, shardings.params)
+  got = flat(to_host(loaded["encoder"]))
   want = {k: v for k, v in flat(given).items() if not k.startswith("norm/")}
   assert sorted(got) == sorted(want)  # the pretrained final norm is dropped (gap pooling)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  jax.tree.map(np.testing.assert_array_equal, to_host(loaded.params["head"]),
+  jax.tree.map(np.testing.assert_array_equal, to_host(loaded["head"]),
                to_host(state.params["head"]))  # the head is untouched
-  assert all(x.sharding == s for x, s in zip(jax.tree.leaves(loaded.params),
+  assert all(x.sharding == s for x, s in zip(jax.tree.leaves(loaded),
                                              jax.tree.leaves(shardings.params)))
 
   # Another encoder: a clear error naming what differs.
@@ -289,17 +285,19 @@ def test_with_encoder_loads_pretrained_params(eight_devices, mae_encoder):
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"x.npz.*missing.*blocks/block_1/mlp/fc2/bias.*unexpected.*block_9.*"
                            r"shape mismatch: cls: saved \[1, 1, 32\] vs model \[1, 1, 64\]"):
-    finetune.with_encoder(state, unflatten(broken), shardings, source="x.npz")
+    init_from.with_encoder(state.params, unflatten(broken), shardings.params, source="x.npz")
 
 
 def test_init_from_export(eight_devices, mae_encoder, tmp_path):
-  """config.finetune.init_from through mim_jax.pretrained: an MAE encoder exported to .npz
-  (fixed sin-cos positions) starts the learned position embedding from the sin-cos table."""
+  """config.init_from through mim_jax.pretrained: an MAE encoder exported to .npz (fixed
+  sin-cos positions) starts the learned position embedding from the sin-cos table."""
   config, _, _, state, shardings = eight_devices
   path = str(tmp_path / "encoder.npz")
   pretrained.save_npz(path, {f"encoder/{k}": v for k, v in flat(mae_encoder).items()}, {})
-  state = finetune.load_pretrained(state, path, config, shardings)
-  got = flat(to_host(state.params["encoder"]))
+  config = config.copy_and_resolve_references()
+  config.init_from = path
+  params = init_from.load(state.params, config, shardings.params)
+  got = flat(to_host(params["encoder"]))
   for name, value in flat(mae_encoder).items():
     if not name.startswith("norm/"):
       np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -308,7 +306,7 @@ def test_init_from_export(eight_devices, mae_encoder, tmp_path):
 
 
 def run_steps(config, model, tx, state, shardings, mesh, batch, num_steps=2):
-  step = finetune.make_train_step(model, tx, shardings, mesh, config)
+  step = train.make_train_step(model, tx, shardings, mesh)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   metrics = []
   for _ in range(num_steps):
@@ -333,7 +331,7 @@ def test_sharded_step_matches_one_device(eight_devices):
   mesh_1 = mesh_of(jax.devices()[:1])
   shardings_1 = jax.tree.map(lambda _: sharding.replicated(mesh_1), shardings_8)
   state_1 = jax.device_put(to_host(state_8), shardings_1)
-  assert config.finetune.drop_path > 0 and config.finetune.mix_prob == 1
+  assert config.method.drop_path > 0 and config.method.mix_prob == 1
   params_1, metrics_1 = run_steps(config, model, tx, state_1, shardings_1, mesh_1, batch)
   params_8, metrics_8 = run_steps(config, model, tx, state_8, shardings_8,
                                   mesh_of(jax.devices()), batch)
@@ -346,7 +344,7 @@ def test_sharded_step_matches_one_device(eight_devices):
   outliers = total = 0
   for (path, p8), p1, p0 in zip(jax.tree_util.tree_leaves_with_path(params_8),
                                 jax.tree.leaves(params_1), jax.tree.leaves(init)):
-    name = sharding.path_name(path)
+    name = tree_paths.name(path)
     if name.endswith("attn/qkv/bias"):  # the key bias has an exactly zero gradient (noise)
       d = p8.shape[-1] // 3
       p8, p1, p0 = (np.concatenate([a[..., :d], a[..., 2 * d:]], -1) for a in (p8, p1, p0))
@@ -362,27 +360,28 @@ def test_sharded_step_matches_one_device(eight_devices):
 # The trainer on digits.
 # ---------------------------------------------------------------------------------------------
 
-def test_finetune_digits_end_to_end_and_resume(tmp_path):
-  """The trainer on digits (Mu, 8 devices, the runlocal recipe with a larger lr): the loss
-  falls and top-1 is well above chance (0.1); rerun in the same workdir it resumes at the end
-  and reports the same top-1."""
+def test_finetune_digits_end_to_end_and_rerun(tmp_path):
+  """The one trainer on digits (Mu, 8 devices, the runlocal recipe with a larger lr): the loss
+  falls and top-1 (the top1 evaluator, periodic and final) is well above chance (0.1); rerun in
+  the same workdir when finished, it reports the same results and writes no second row."""
   config = make_config("runlocal,variant=Mu/4,batch_size=64")
   config.total_steps = 80
   config.optim.warmup_steps = 5
   config.optim.base_lr = 4e-2  # peak 1e-2: a short run needs a large lr
-  assert config.finetune.mixup_alpha == config.finetune.cutmix_alpha == 0.0  # runlocal: off
+  assert config.method.mixup_alpha == config.method.cutmix_alpha == 0.0  # runlocal: off
   config.log_every_steps = 10
   config.checkpoint.every_steps = 40
-  config.finetune.eval_every_steps = 40
-  workdir = str(tmp_path / "ft")
-  results = finetune.train_and_evaluate(config, workdir)
-  with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
+  config.eval.every_steps = 40
+  workdir = tmp_path / "ft"
+  results = train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 9 and np.mean(losses[-3:]) < losses[0] - 0.3, losses
-  evals = [r["finetune/top1"] for r in rows if "finetune/top1" in r]
-  assert len(evals) == 2 and evals[-1] == results["finetune/top1"]
+  assert all(r["mfu"] > 0 for r in rows if "loss" in r and r["step"] > 1)  # MFU, as pretraining
+  evals = [r["top1/finetuned"] for r in rows if "top1/finetuned" in r]
+  assert len(evals) == 2 and evals[-1] == results["top1/finetuned"]
   # Measured 0.46 (chance 0.1): 80 steps of a 2-block ViT from random init, a short run.
-  assert results["finetune/top1"] > 0.3, results
-  again = finetune.train_and_evaluate(config, workdir)
-  assert again["finetune/top1"] == results["finetune/top1"]
+  assert results["top1/finetuned"] > 0.3, results
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again == results
+  assert (workdir / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in rows]

@@ -110,7 +110,7 @@ def test_jittable_with_static_shapes():
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_bad_mask_ratio_raises_naming_the_value(ratio):
-  with pytest.raises(ValueError, match=f"mask_ratio.*{ratio}"):
+  with pytest.raises(ValueError, match=f"mask.ratio.*{ratio}"):
     masking.random_mask(jax.random.key(0), 2, (4, 4), ratio)
 
 
@@ -121,6 +121,6 @@ def test_ratio_that_keeps_nothing_raises():
 
 
 def test_registry():
-  assert masking.get("random") is masking.random_mask
+  assert masking.GENERATORS["random"] is masking.random_mask
   with pytest.raises(ValueError, match="unknown mask generator 'blocky'.*random"):
-    masking.get("blocky")
+    masking.GENERATORS["blocky"]  # pylint: disable=pointless-statement

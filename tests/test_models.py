@@ -4,6 +4,7 @@ visible-only encoder and the decoder's un-shuffle, the loss, FLOP counting and b
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -438,3 +439,153 @@ def test_cpu_friendly_gelu_and_attention_match_jax_reference():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 3, 16)) for i in range(3))
   np.testing.assert_allclose(layers.dot_product_attention(q, k, v),
                              jax.nn.dot_product_attention(q, k, v), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one attention: bias and masks, key/value restriction, key padding, cuDNN.
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_bias_and_mask_match_jax_reference():
+  """Broadcast bias and mask of every shape the models use ([H, Nq, Nk], [B, 1, 1, Nk],
+  [B, H, Nq, Nk]), against jax.nn.dot_product_attention; and extra leading batch dims (Swin's
+  windows) give the same as the same rows folded into the batch."""
+  b, nq, nk, h, hd = 2, 5, 7, 3, 8
+  q = jax.random.normal(jax.random.key(0), (b, nq, h, hd))
+  k, v = (jax.random.normal(jax.random.key(i), (b, nk, h, hd)) for i in (1, 2))
+  bias = jax.random.normal(jax.random.key(3), (h, nq, nk))
+  rng = np.random.default_rng(0)
+  for mask in (rng.uniform(size=(b, 1, 1, nk)) < 0.6, rng.uniform(size=(b, h, nq, nk)) < 0.6):
+    mask[..., 0] = True  # every query keeps a key
+    got = jax.jit(lambda *a: layers.dot_product_attention(*a[:3], bias=a[3], mask=a[4]))(
+        q, k, v, bias, mask)
+    want = jax.nn.dot_product_attention(q, k, v, bias=jnp.broadcast_to(bias, (b, h, nq, nk)),
+                                        mask=jnp.asarray(mask))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # A masked key's weight is exactly zero: changing its value changes nothing.
+    if mask.shape[1] == 1:
+      v2 = v.at[:, np.flatnonzero(~mask[0, 0, 0])].add(100.0)
+      again = layers.dot_product_attention(q, k, v2, bias=bias, mask=mask)
+      np.testing.assert_array_equal(np.asarray(again)[0], np.asarray(got)[0])
+  windows = lambda x: x.reshape(1, b, *x.shape[1:])
+  np.testing.assert_array_equal(
+      layers.dot_product_attention(windows(q), windows(k), windows(v), bias=bias)[0],
+      layers.dot_product_attention(q, k, v, bias=bias))
+
+
+def test_cudnn_implementation_forwards_the_same_arguments(monkeypatch):
+  """CPU JAX has no cuDNN, so check what 'cudnn' hands to jax.nn.dot_product_attention: the
+  same q, k, v, bias and mask as the einsum path uses, with implementation='cudnn', and a result
+  of the einsum path's shape."""
+  calls = []
+
+  def fake(q, k, v, *, bias=None, mask=None, implementation=None):
+    calls.append((q.shape, k.shape, None if bias is None else bias.shape,
+                  None if mask is None else mask.shape, implementation))
+    return jnp.zeros(q.shape[:-1] + v.shape[-1:], v.dtype)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  x = jnp.asarray(random_images((2, 9, 16)))
+  kv_ids = jnp.array([[0, 3, 5], [0, 8, 1]], jnp.int32)
+  kv_mask = jnp.array([[True, True, False], [True, True, True]])
+  attn = layers.Attention(2, implementation="cudnn")
+  params = attn.init(jax.random.key(0), x)
+  out = attn.apply(params, x, kv_ids, kv_mask)
+  assert out.shape == (2, 9, 16)
+  assert calls[-1] == ((2, 9, 2, 8), (2, 3, 2, 8), None, (2, 1, 1, 3), "cudnn")
+
+
+def attention_params_and_reference(x: np.ndarray, heads: int):
+  """A layers.Attention's parameters and a reference: full attention over all N tokens from
+  the same fused qkv parameters (jax.nn.dot_product_attention) with a key mask [B, N]."""
+  b, n, d = x.shape
+  attn = layers.Attention(heads)
+  params = jax.jit(attn.init)(jax.random.key(1), x)["params"]
+
+  def reference(allowed):
+    qkv = x @ params["qkv"]["kernel"] + params["qkv"]["bias"]
+    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, heads, d // heads) for i in range(3))
+    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(allowed)[:, None, None, :])
+    return out.reshape(b, n, d) @ params["proj"]["kernel"] + params["proj"]["bias"]
+  return attn, params, reference
+
+
+def test_attention_without_options_is_a_plain_dense_qkv():
+  """The plain path computes the qkv projection with nn.Dense(3d)'s bits (MAE parity with the
+  official weights rests on it), and its parameters are nn.Dense(3d)'s, init included."""
+  x = jnp.asarray(random_images((2, 9, 16)))
+  qkv = layers.QKV()
+  params = jax.jit(qkv.init)(jax.random.key(0), x)
+  dense = nn.Dense(48, kernel_init=nn.initializers.xavier_uniform())
+  dense_params = jax.jit(dense.init)(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, dense_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(dense_params)):
+    np.testing.assert_array_equal(a, b)
+  got = jnp.concatenate(jax.jit(qkv.apply)(params, x), axis=-1)
+  np.testing.assert_array_equal(got, jax.jit(dense.apply)(params, x))
+
+
+def test_attention_kv_ids_equals_full_attention_with_a_key_mask():
+  """Brute force: keys and values gathered from kv_ids equal attention over every token with
+  the others masked out; adding kv_mask leaves out the keys it marks False as well."""
+  b, n, d, heads = 2, 9, 16, 2
+  x = random_images((b, n, d))
+  kv_ids = np.array([[0, 3, 5], [0, 8, 1]], np.int32)
+  kv_mask = np.array([[True, False, True], [True, True, True]])
+  attn, params, reference = attention_params_and_reference(x, heads)
+  apply = jax.jit(lambda *a: attn.apply({"params": params}, x, *a))
+  allowed = np.zeros((b, n), bool)
+  np.put_along_axis(allowed, kv_ids, True, axis=1)
+  got = apply(kv_ids, None)
+  np.testing.assert_allclose(got, reference(allowed), atol=1e-5)
+  assert np.abs(np.asarray(apply(None, None)) - np.asarray(got)).max() > 1e-2  # not full
+  np.put_along_axis(allowed, kv_ids, kv_mask, axis=1)
+  np.testing.assert_allclose(apply(kv_ids, kv_mask), reference(allowed), atol=1e-5)
+
+
+def test_kv_mask_makes_padded_keys_irrelevant():
+  """Sequences padded at the end to one length: the real tokens' outputs equal attention over
+  the unpadded sequence, and whatever the padding holds changes none of them. A general mask
+  combines with kv_mask (here a diagonal-free one)."""
+  b, n, d, heads = 2, 8, 16, 2
+  lengths = np.array([5, 8])
+  x = random_images((b, n, d), seed=3)
+  kv_mask = np.arange(n)[None] < lengths[:, None]
+  attn, params, reference = attention_params_and_reference(x, heads)
+  apply = jax.jit(lambda x, mask: attn.apply({"params": params}, x, None, kv_mask, mask))
+  padded = apply(x, None)
+  junk = np.where(kv_mask[..., None], x, 50.0 * random_images(x.shape, seed=4))
+  np.testing.assert_array_equal(np.asarray(apply(junk, None))[kv_mask], np.asarray(padded)[kv_mask])
+  short = attn.apply({"params": params}, x[:1, :5])
+  np.testing.assert_allclose(np.asarray(padded)[0, :5], short[0], atol=1e-5)
+  np.testing.assert_allclose(padded, reference(kv_mask), atol=1e-5)
+
+  # Brute force, one query at a time: with a mask that hides each token from itself, query i
+  # sees the real keys other than itself.
+  got = apply(x, ~np.eye(n, dtype=bool)[None, None])
+  for i in range(n):
+    allowed = kv_mask.copy()
+    allowed[:, i] = False
+    np.testing.assert_allclose(np.asarray(got)[:, i], np.asarray(reference(allowed))[:, i],
+                               atol=1e-5)
+
+
+def test_stack_passes_the_restriction_to_every_block_also_rematerialised():
+  """ViT's context_ids reach every layer: a context of all patches is full attention, and the
+  remat stack gives the same tokens as the plain one."""
+  images = jnp.asarray(random_images((2, 16, 16, 3)))
+  encoder = vit.ViT(32, 2, 2, 64, 4, posemb="none")
+  variables = jax.jit(encoder.init)(jax.random.key(0), images)
+  context = jnp.array([[2, 7, 9, 14], [0, 5, 10, 15]], jnp.int32)
+
+  @jax.jit
+  def run(variables, images):
+    full, _ = encoder.apply(variables, images)
+    everything, _ = encoder.apply(variables, images, context_ids=jnp.tile(jnp.arange(16), (2, 1)))
+    restricted, _ = encoder.apply(variables, images, context_ids=context)
+    remat, _ = encoder.clone(remat=True).apply(variables, images, context_ids=context)
+    return full, everything, restricted, remat
+
+  full, everything, restricted, remat = run(variables, images)
+  np.testing.assert_allclose(everything, full, atol=1e-5)
+  np.testing.assert_array_equal(remat, restricted)
+  assert np.abs(np.asarray(restricted) - np.asarray(full)).max() > 1e-2

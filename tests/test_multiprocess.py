@@ -4,27 +4,26 @@ jit over the global mesh, and only process 0 writes metrics."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import portpicker
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import MICRO_MAE
+from conftest import REPO
+from conftest import subprocess_env
 
 
 def test_two_processes_train_and_checkpoint(tmp_path):
   port = portpicker.pick_unused_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "mim_jax.main",
-       "--config=configs/mae_vit.py:variant=Mu/4,decoder=1x32,data=digits,image_size=16,"
-       "batch_size=16", f"--workdir={tmp_path}", "--config.total_steps=6",
+      [sys.executable, "-m", "mim_jax.main", f"--config=configs/mae_vit.py:{MICRO_MAE}",
+       f"--workdir={tmp_path}", "--config.total_steps=6",
        "--config.log_every_steps=2", "--config.checkpoint.every_steps=3",
        "--config.eval.linear_probe.enabled=False", "--config.eval.reconstruction_png=False",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):

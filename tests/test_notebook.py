@@ -2,32 +2,22 @@
 tiny MAE checkpoint this test trains first, and its k-NN result is a real accuracy."""
 
 import json
-import pathlib
 
-import ml_collections
 import nbclient
 import nbformat
 
 from configs import mae_vit
+from conftest import MICRO_MAE
+from conftest import REPO
+from conftest import no_evals
 from mim_jax import train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-ARG = "variant=Mu/4,decoder=1x32,image_size=16,batch_size=16,data=digits"
-
-
-def no_evals(config: ml_collections.ConfigDict) -> None:
-  """Switches off every end-of-training evaluation: the notebook does its own."""
-  for value in config.eval.values():
-    if isinstance(value, ml_collections.ConfigDict) and "enabled" in value:
-      value.enabled = False
-  config.eval.reconstruction_png = False
 
 
 def test_demo_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
-  config = mae_vit.get_config(ARG)
+  config = mae_vit.get_config(MICRO_MAE)
   config.total_steps = 4
   config.checkpoint.every_steps = 4
-  no_evals(config)
+  no_evals(config)  # The notebook runs its own k-NN.
   train.train_and_evaluate(config, str(tmp_path / "run"))
 
   nb = nbformat.read(REPO / "notebooks" / "mae_demo.ipynb", as_version=4)
@@ -36,7 +26,7 @@ def test_demo_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
       "import json; print('KNN=' + json.dumps(KNN_RESULTS))"))
   monkeypatch.setenv("MIM_JAX_REPO", str(REPO))
   monkeypatch.setenv("MIM_JAX_SOURCE", str(tmp_path / "run"))
-  monkeypatch.setenv("MIM_JAX_CONFIG", f"configs/mae_vit.py:{ARG}")
+  monkeypatch.setenv("MIM_JAX_CONFIG", f"configs/mae_vit.py:{MICRO_MAE}")
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()

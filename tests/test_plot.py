@@ -1,12 +1,10 @@
 """`python -m mim_jax.tools.plot`: metrics.jsonl written by the trainer's MetricWriter becomes
 PNG curves holding exactly the logged values."""
 
-import subprocess
-import sys
-
 import pytest
 from PIL import Image
 
+from conftest import run_module
 from mim_jax.metric_writer import MetricWriter
 from mim_jax.tools import plot
 
@@ -22,8 +20,7 @@ def write_run(workdir) -> None:
 
 def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
   write_run(tmp_path)
-  result = subprocess.run([sys.executable, "-m", "mim_jax.tools.plot", f"--workdir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = run_module("mim_jax.tools.plot", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   for panel in ("loss", "lr", "images_per_sec", "evals"):
     with Image.open(tmp_path / "plots" / f"{panel}.png") as image:
@@ -39,9 +36,7 @@ def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
 
 
 def test_missing_workdir_and_bad_rows_are_named(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "mim_jax.tools.plot",
-                           f"--workdir={tmp_path / 'nope'}"],
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = run_module("mim_jax.tools.plot", f"--workdir={tmp_path / 'nope'}")
   assert result.returncode != 0
   assert "no metrics.jsonl in workdir" in result.stderr and "nope" in result.stderr
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')

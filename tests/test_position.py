@@ -1,8 +1,9 @@
 """Tests of masked position prediction (MP3, Zhai et al. 2022; mim_jax/methods/position.py):
 it learns on real digits, the sharded step equals the 1-device step, keys and values really come
-from the context patches only, no position information reaches the encoder, the encoder is
-vit.ViT(posemb='none') when unrestricted, the analytic FLOPs match the traced matmuls, and bad
-configs fail with a clear message."""
+from the context patches only, no position information reaches the encoder, the encoder is the
+config's vit.ViT(posemb='none'), the analytic FLOPs match the traced matmuls, and bad configs
+fail with a clear message. (layers.Attention's kv_ids, which carries the context, is checked
+against a brute-force masked attention in tests/test_models.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +14,15 @@ from configs import position_vit
 from mim_jax import config_validation
 from mim_jax import flops
 from mim_jax import methods
+from mim_jax import models
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
 from mim_jax.data import pipeline
 from mim_jax.evaluators import features
-from mim_jax.methods import position
 from mim_jax.models import layers
 from mim_jax.models import vit
-from test_sharding import assert_trees_close, mesh_of, to_host
+from conftest import assert_trees_close, mesh_of, random_images, to_host
 
 # Micro ViT, 16 px digits, patch 4: 16 positions, 4 of them (plus cls) in the context.
 ARG = "variant=Mu/4,data=digits,image_size=16,batch_size=16"
@@ -34,15 +35,6 @@ def make_config(arg: str = ARG):
   config.optim.warmup_steps = 0   # So the first steps already move every parameter.
   config.optim.base_lr = LR * config.optim.lr_batch_base / config.batch_size  # peak lr LR
   return config
-
-
-def tiny_encoder(**kw) -> position.ContextViT:
-  return position.ContextViT(**{"width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "patch": 4,
-                                **kw})
-
-
-def random_images(shape, seed=0) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +65,8 @@ class Trainer:
     state = jax.device_put(self.init, shardings)
     metrics = []
     for images in batches:
-      state, m = step(state, jax.device_put(images, sharding.batch_sharding(mesh)), self.rng)
+      batch = jax.device_put({"image": images}, sharding.batch_sharding(mesh))
+      state, m = step(state, batch, self.rng)
       metrics.append(to_host(m))
     return state, metrics
 
@@ -134,14 +127,12 @@ def test_sharded_step_matches_one_device(trainer, digits):
 # The encoder: keys/values restricted to the context, no position information.
 # ---------------------------------------------------------------------------------------------
 
-ENCODER = tiny_encoder()
+ENCODER = vit.ViT(32, 2, 2, 64, 4, posemb="none")
 # Jitted once each: one compiled program per input signature, not one per primitive.
 encode = jax.jit(lambda params, images, context: ENCODER.apply({"params": params}, images,
-                                                                  context))
-VIT_NO_POSEMB = vit.ViT(32, 2, 2, 64, 4, posemb="none")
+                                                                  context_ids=context))
 VIT_SINCOS = vit.ViT(32, 2, 2, 64, 4, posemb="sincos")
-vit_encode = jax.jit(lambda params, images, posemb: (VIT_SINCOS if posemb else VIT_NO_POSEMB)
-                     .apply({"params": params}, images), static_argnums=2)
+sincos_encode = jax.jit(lambda params, images: VIT_SINCOS.apply({"params": params}, images))
 CONTEXT = np.array([[2, 7, 9, 14], [0, 5, 10, 15]], np.int32)  # patch ids, one row per image
 
 
@@ -150,41 +141,21 @@ def params():
   return jax.jit(ENCODER.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
 
 
-def test_unrestricted_encoder_is_vit_without_position_embedding(params):
-  """Same parameter tree and init as vit.ViT(posemb='none'), same outputs: a pretrained MP3
-  encoder loads into the shared ViT (e.g. to fine-tune with position embeddings added)."""
-  ref_params = jax.jit(VIT_NO_POSEMB.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
-  assert_trees_close(to_host(params), to_host(ref_params), rtol=0, atol=0)
-  images = random_images((2, 16, 16, 3))
-  out, aux = encode(params, images, None)
-  ref_out, ref_aux = vit_encode(params, images, False)
-  np.testing.assert_allclose(out, ref_out, atol=1e-5)
-  for key in ("cls", "gap", "block_1"):
-    np.testing.assert_allclose(aux[key], ref_aux[key], atol=1e-5, err_msg=key)
-
-
-def test_context_attention_equals_full_attention_with_a_key_mask():
-  """Brute force: the gathered-context attention equals attention over all tokens with every
-  non-context key masked out, computed from the same fused qkv parameters."""
-  b, n, d, heads = 2, 9, 16, 2
-  x = random_images((b, n, d))
-  kv_ids = jnp.array([[0, 3, 5], [0, 8, 1]], jnp.int32)
-  attn = position.ContextAttention(heads)
-
-  @jax.jit
-  def outputs(x, kv_ids):
-    p = attn.init(jax.random.key(1), x, kv_ids)["params"]
-    qkv = x @ p["qkv"]["kernel"] + p["qkv"]["bias"]
-    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, heads, d // heads) for i in range(3))
-    allowed = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], kv_ids].set(True)
-    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None, None, :])
-    want = out.reshape(b, n, d) @ p["proj"]["kernel"] + p["proj"]["bias"]
-    return attn.apply({"params": p}, x, kv_ids), want, attn.apply({"params": p}, x)
-
-  got, want, full = outputs(x, kv_ids)
-  np.testing.assert_allclose(got, want, atol=1e-5)
-  assert np.abs(np.asarray(full) - np.asarray(got)).max() > 1e-2  # and it is not full attention
+def test_encoder_is_the_configs_vit_without_position_embedding():
+  """MP3 runs the shared encoder, built from the config: a pretrained MP3 encoder is a plain
+  vit.ViT(posemb='none') (e.g. to fine-tune with position embeddings added), and the method
+  adds only the position head."""
+  config = make_config()
+  model = methods.build(config)
+  assert model.encoder == models.build_encoder(config)
+  assert isinstance(model.encoder, vit.ViT) and model.encoder.posemb == "none"
+  images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+  rng = jax.random.key(0)
+  params = jax.eval_shape(lambda r, x: model.init({"params": r, "mask": r}, x), rng,
+                          images)["params"]
+  encoder_params = jax.eval_shape(model.encoder.init, rng, images)["params"]
+  assert set(params) == {"encoder", "head"}
+  assert jax.tree.map(np.shape, params["encoder"]) == jax.tree.map(np.shape, encoder_params)
 
 
 def perturb_patch(images: np.ndarray, row: int, patch_id: int, patch: int = 4) -> np.ndarray:
@@ -229,8 +200,8 @@ def test_no_position_information_reaches_the_encoder(params):
     np.testing.assert_allclose(out_p[:, 1:], out[:, 1 + perm], atol=1e-5)
     np.testing.assert_allclose(out_p[:, 0], out[:, 0], atol=1e-5)
 
-  out, _ = vit_encode(params, images, True)
-  out_p, _ = vit_encode(params, permuted, True)
+  out, _ = sincos_encode(params, images)
+  out_p, _ = sincos_encode(params, permuted)
   assert np.abs(np.asarray(out_p[:, 1:]) - np.asarray(out[:, 1 + perm])).max() > 1e-2
 
 
@@ -258,17 +229,15 @@ def test_analytic_flops_match_the_traced_matmuls():
 
   # Keys/values on all tokens is the plain transformer; the context saves the kv projections
   # and 3/4 of the attention (ViT-B/16 at 224 px: 197 queries, 50 keys/values).
-  assert position.context_transformer(197, 197, 768, 12, 3072) == flops.transformer(
-      197, 768, 12, 3072)
-  saving = flops.transformer(197, 768, 12, 3072) / position.context_transformer(
-      197, 50, 768, 12, 3072)
+  assert flops.transformer(197, 768, 12, 3072, 197) == flops.transformer(197, 768, 12, 3072)
+  saving = flops.transformer(197, 768, 12, 3072) / flops.transformer(197, 768, 12, 3072, 50)
   assert saving == pytest.approx(1.17, abs=0.01)
 
 
 def test_paper_recipe_in_config():
   config = position_vit.get_config("")
   assert config.method.name == "position" and config.model.variant == "B/16"
-  assert (config.method.mask, config.method.mask_ratio) == ("random", 0.75)
+  assert (config.mask.name, config.mask.ratio) == ("random", 0.75)
   o = config.optim
   assert (o.b1, o.b2, o.weight_decay, o.base_lr, o.lr_batch_base) == (0.9, 0.999, 0.05, 5e-4, 512)
   assert config.total_steps == 60 * o.warmup_steps  # 300 epochs, 5 of warmup
@@ -279,10 +248,11 @@ def test_paper_recipe_in_config():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("method.mask_ratio", 1.0, "mask_ratio must be in"),
-    ("method.mask", "nope", "unknown mask generator 'nope'; valid"),
+    ("mask.ratio", 1.0, "mask.ratio must be in"),
+    ("mask.name", "nope", "unknown mask generator 'nope'; valid"),
     ("image_size", 18, "image_size 18 is not divisible by the patch size 4"),
     ("model.variant", "Q/4", "unknown ViT variant 'Q/4'"),
+    ("model.posemb", "sincos", "without position embeddings \\(model.posemb 'none'\\)"),
 ])
 def test_bad_config_names_the_value(field, value, message):
   config = make_config()

@@ -9,20 +9,23 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import mae_vit
-from mim_jax import methods
+from conftest import Trainer
+from conftest import abstract_params
+from conftest import assert_trees_close
+from conftest import mesh_of
+from conftest import random_images
+from conftest import set_peak_lr
+from conftest import to_host
 from mim_jax import optim
 from mim_jax import sharding
-from mim_jax import train
+from mim_jax import tree_paths
 
 
 def make_config(fsdp: bool = False):
   config = mae_vit.get_config("variant=Mu/4,decoder=1x32,image_size=16,batch_size=16,"
                               "data=synthetic")
   config.total_steps = 10
-  # No warmup and a large lr, so the step visibly moves every parameter (the paper's recipe
-  # would give lr 0 at step 0 and a no-op update to compare).
-  config.optim.warmup_steps = 0
-  config.optim.base_lr = LR * 256 / config.batch_size  # peak lr 1e-3
+  set_peak_lr(config, LR)
   config.sharding.fsdp = fsdp
   # Small enough that every matrix (and the larger vectors) is sharded, large enough that some
   # small leaves stay replicated, so both paths of the rule run.
@@ -30,80 +33,34 @@ def make_config(fsdp: bool = False):
   return config
 
 
-def mesh_of(devices) -> jax.sharding.Mesh:
-  return jax.make_mesh((len(devices),), (sharding.AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def to_host(tree):
-  # np.array copies. On CPU, np.asarray and jax.device_get return zero-copy views that pin the
-  # device buffer, and jit then silently skips donating it.
-  return jax.tree.map(np.array, tree)
-
-
 def run_steps(config, mesh, images: np.ndarray, num_steps: int = 2):
   """Init on `mesh`, then `num_steps` train steps on `images`. Returns the initial params, the
   params after the steps, the per-step losses and grad norms, and the state shardings."""
-  model = methods.build(config)
-  tx = optim.build(config)
   init_rng, step_rng = jax.random.split(jax.random.key(0))
-  state, _, shardings = train.create_state(model, tx, config, mesh, init_rng)
-  init_params = to_host(state.params)
-  step = train.make_train_step(model, tx, shardings, mesh)
+  trainer = Trainer(config, mesh, init_rng)
   batch = jax.device_put(images, sharding.batch_sharding(mesh))
   assert batch.addressable_shards[0].data.shape[0] == len(images) // mesh.size
   metrics = []
   for i in range(num_steps):
-    old = state
-    state, m = step(state, batch, step_rng)
+    old = trainer.state
+    metrics.append(trainer.step({"image": batch}, step_rng))
     if i == 0:
       # Donated: the old state's buffers were reused for the new one.
       old_leaves = jax.tree.leaves(old)
       assert old_leaves and all(x.is_deleted() for x in old_leaves), [
           x.is_deleted() for x in old_leaves]
-    metrics.append(to_host(m))
-  assert int(state.step) == num_steps
-  return init_params, state, metrics, shardings
+  assert int(trainer.state.step) == num_steps
+  return trainer.initial_state.params, trainer.state, metrics, trainer.shardings
 
 
 @pytest.fixture(scope="module")
 def images():
-  return np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype(np.float32)
+  return random_images((16, 16, 16, 3))
 
 
 @pytest.fixture(scope="module")
 def one_device(images):
   return run_steps(make_config(), mesh_of(jax.devices()[:1]), images)
-
-
-def drop_key_bias(tree):
-  """Removes the key third of every fused qkv bias.
-
-  Softmax is shift-invariant and q.(k + b) = q.k + q.b adds the same logit to every key of a
-  query, so the key bias has an exactly zero gradient: what autodiff returns is rounding noise
-  (measured 1e-10, against 1e-3 to 1e-1 for the query and value biases), which Adam turns into
-  an update of lr * noise / (|noise| + eps) whose sign depends on summation order. Comparing it
-  across device counts compares noise, so it is left out."""
-  def drop(path, x):
-    if sharding.path_name(path).endswith("attn/qkv/bias"):
-      d = x.shape[-1] // 3
-      return np.concatenate([x[..., :d], x[..., 2 * d:]], -1)
-    return x
-  return jax.tree_util.tree_map_with_path(drop, tree)
-
-
-def assert_trees_close(got, want, rtol, atol, max_outliers=0.0, outlier_atol=0.0):
-  """Every leaf within rtol/atol, except at most a `max_outliers` fraction of all elements,
-  which must still be within `outlier_atol`."""
-  got, want = drop_key_bias(got), drop_key_bias(want)
-  outliers, total = 0, 0
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    name = jax.tree_util.keystr(path)
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    np.testing.assert_allclose(g, w, rtol=0, atol=max(atol, outlier_atol), err_msg=name)
-    outliers += int((np.abs(g - w) > atol + rtol * np.abs(w)).sum())
-    total += g.size
-  assert outliers <= max_outliers * total, f"{outliers} of {total} elements out of tolerance"
 
 
 # Tolerances. The sharded step sums the per-device partial gradients in a different order than
@@ -184,11 +141,7 @@ def test_fsdp_spec_rule():
 
 def test_weight_decay_mask():
   config = make_config()
-  model = methods.build(config)
-  params = jax.eval_shape(lambda r: model.init({"params": r, "mask": r},
-                                               jnp.zeros((1, 16, 16, 3))), jax.random.key(0))
-  mask = optim.decay_mask(params["params"])
-  flat = {sharding.path_name(path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  flat = tree_paths.flatten(optim.decay_mask(abstract_params(config)))
   assert flat["encoder/cls"] is False and flat["decoder/mask_token"] is False
   for name, decays in flat.items():
     leaf = name.rsplit("/", 1)[-1]

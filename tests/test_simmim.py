@@ -3,8 +3,6 @@ masked pixels only, training on digits (the loss falls), the sharded step on 8 f
 against the 1-device step, analytic FLOPs against the traced matmuls, parameter counts at the
 paper's sizes, and config validation."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,20 +10,24 @@ import pytest
 
 from configs import simmim_swin
 from configs import simmim_vit
+from conftest import Trainer
+from conftest import abstract_params
+from conftest import assert_trees_close
+from conftest import mesh_of
+from conftest import num_params
+from conftest import random_images
+from conftest import set_peak_lr
+from conftest import to_host
+from conftest import traced_matmul_flops
 from mim_jax import config_validation
 from mim_jax import flops
 from mim_jax import masking
 from mim_jax import methods
 from mim_jax import optim
-from mim_jax import sharding
-from mim_jax import train
+from mim_jax import tree_paths
 from mim_jax.data import pipeline
 from mim_jax.methods import simmim
 from mim_jax.models import swin
-
-
-def num_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def test_coarse_mask_marginal_is_uniform_over_cells():
 
 
 def test_coarse_mask_rejects_a_cell_that_does_not_tile_the_grid():
-  with pytest.raises(ValueError, match="cell of 3 patches must tile the 8x8"):
+  with pytest.raises(ValueError, match=r"mask.coarse.cell 3 \(in patches\) must tile the 8x8"):
     masking.coarse_mask(jax.random.key(0), 2, (8, 8), 0.6, cell=3)
 
 
@@ -110,7 +112,7 @@ def test_vit_simmim_loss_gradient_features_and_reconstruction():
   area only."""
   config = vit_config()
   model = methods.build(config)
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  images = jnp.asarray(random_images((2, 16, 16, 3)))
 
   @jax.jit
   def run(images):
@@ -150,40 +152,21 @@ def swin_config():
   with no warmup and peak lr 1e-3 so that a few steps visibly train."""
   config = simmim_swin.get_config("runlocal,batch_size=16")
   config.total_steps = 100
-  config.optim.warmup_steps = 0
-  config.optim.base_lr = LR * config.optim.lr_batch_base / config.batch_size
-  return config
-
-
-def mesh_of(devices) -> jax.sharding.Mesh:
-  return jax.make_mesh((len(devices),), (sharding.AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def to_host(tree):
-  return jax.tree.map(np.array, tree)  # copies: a zero-copy view would block donation
+  return set_peak_lr(config, LR)
 
 
 def run_steps(config, mesh, batches, initial_state=None):
   """Train steps on `mesh`, from a fresh init or from `initial_state` (host arrays) placed onto
   the mesh with the trainer's shardings. Returns the initial state (host), the params after
   steps 0, 1, 2 (host) and every step's metrics."""
-  model, tx = methods.build(config), optim.build(config)
   init_rng, step_rng = jax.random.split(jax.random.key(0))
-  if initial_state is None:
-    state, _, shardings = train.create_state(model, tx, config, mesh, init_rng)
-    initial_state = to_host(state)
-  else:
-    _, shardings = train.abstract_state(model, tx, config, mesh, init_rng)
-    state = jax.device_put(initial_state, shardings)
-  step = train.make_train_step(model, tx, shardings, mesh)
-  params, metrics = [initial_state.params], []
+  trainer = Trainer(config, mesh, init_rng, initial_state)
+  params, metrics = [trainer.initial_state.params], []
   for images in batches:
-    state, m = step(state, jax.device_put(images, sharding.batch_sharding(mesh)), step_rng)
-    metrics.append(to_host(m))
+    metrics.append(trainer.step({"image": images}, step_rng))
     if len(metrics) <= 2:
-      params.append(to_host(state.params))
-  return initial_state, params, metrics
+      params.append(to_host(trainer.state.params))
+  return trainer.initial_state, params, metrics
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +189,6 @@ def test_swin_simmim_loss_falls_on_digits(digits_run):
   assert losses[-5:].mean() < 0.75 * losses[:3].mean(), losses
 
 
-def drop_key_bias(tree):
-  """The key third of a fused qkv bias has an exactly zero gradient (softmax is shift-invariant
-  per query), so Adam turns rounding noise into its update; it is left out of comparisons
-  (tests/test_sharding.py explains the measurement)."""
-  def drop(path, x):
-    if sharding.path_name(path).endswith("attn/qkv/bias"):
-      d = x.shape[-1] // 3
-      return np.concatenate([x[..., :d], x[..., 2 * d:]], -1)
-    return x
-  return jax.tree_util.tree_map_with_path(drop, tree)
-
-
 def test_sharded_step_matches_one_device(digits_run):
   """Data parallel over the 8 fake devices (2 images each), from the same initial state (that
   init itself does not depend on the sharding is tested in tests/test_sharding.py): the same
@@ -230,14 +201,8 @@ def test_sharded_step_matches_one_device(digits_run):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
   assert metrics_1[0]["loss"] != metrics_1[1]["loss"]  # different masks, different batches
-  for i, (p8, p1) in enumerate(zip(params_8, params_1)):
-    p8, p1 = drop_key_bias(p8), drop_key_bias(p1)
-    outliers = total = 0
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p8), jax.tree.leaves(p1)):
-      np.testing.assert_allclose(a, b, rtol=0, atol=LR / 10, err_msg=jax.tree_util.keystr(path))
-      outliers += int((np.abs(a - b) > 1e-6 + 1e-5 * np.abs(b)).sum())
-      total += a.size
-    assert outliers <= 1e-4 * total, (i, outliers, total)
+  for p8, p1 in zip(params_8, params_1):
+    assert_trees_close(p8, p1, 1e-5, 1e-6, max_outliers=1e-4, outlier_atol=LR / 10)
   # Not vacuous: two steps moved every parameter by about the lr.
   for before, after in zip(jax.tree.leaves(params_1[0]), jax.tree.leaves(params_1[2])):
     assert np.abs(after - before).max() > LR
@@ -258,13 +223,8 @@ def test_analytic_flops_match_the_traced_matmuls(config_fn, arg):
   stages (4 r^2 M^2 d per block, linear in tokens), a stage smaller than the window (2x2 at the
   end: M = 2), patch merging and the pixel-shuffle head."""
   config = config_fn(arg)
-  model = methods.build(config)
   batch = 2
-  images = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.float32)
-  rng = jax.random.key(0)
-  params = jax.eval_shape(lambda r, x: model.init({"params": r, "mask": r}, x), rng, images)
-  loss = lambda p, x, r: model.apply(p, x, rngs={"mask": r})[0]
-  forward = flops.jaxpr_matmul_flops(jax.make_jaxpr(loss)(params, images, rng).jaxpr)
+  forward, _ = traced_matmul_flops(config, batch)
   assert forward * flops.TRAIN_MULTIPLIER == batch * methods.train_flops_per_example(config)
 
 
@@ -273,14 +233,14 @@ def test_swin_attention_flops_are_linear_in_tokens():
   4 h w C^2 + 2 M^2 h w C (the paper counts a multiply-add as one). Doubling the image side
   quadruples the tokens and, with fixed windows, quadruples the attention FLOPs too."""
   size = swin.SIZES["B"]
-  cost = lambda image: swin.forward_flops(image, size, 4, 6, 3)
+  cost = lambda image: flops.swin_encoder(image, size, 4, 6, 3)
   big, small = cost(384), cost(192)
   assert big == 4 * small
   # Stage 0 of Swin-B at 192 px, window 6: 48x48 tokens of width 128, 2 blocks.
   n, d, m = 48 * 48, 128, 6
   per_block = 2 * (4 * n * d * d + 2 * m * m * n * d) + 2 * 8 * n * d * d
   patch_embed = flops.dense(n, 48, d)
-  assert (swin.forward_flops(192, swin.SwinSize(128, (2,), (4,)), 4, 6, 3)
+  assert (flops.swin_encoder(192, swin.SwinSize(128, (2,), (4,)), 4, 6, 3)
           == patch_embed + 2 * per_block)
 
 
@@ -291,11 +251,7 @@ def test_param_counts_at_the_paper_sizes():
   85,647,360 encoder + mask token + the 768 -> 16*16*3 head."""
   for config, want in [(simmim_swin.get_config("variant=B,data=synthetic"), 89_874_104),
                        (simmim_vit.get_config("variant=B/16,data=synthetic"), 86_238_720)]:
-    model = methods.build(config)
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = jax.eval_shape(lambda r, x: model.init({"params": r, "mask": r}, x),
-                            jax.random.key(0), images)["params"]
-    assert num_params(params) == want
+    assert num_params(abstract_params(config)) == want
   assert 86_743_224 - 376 * (169 - 121) + 128 + (1024 * 3072 + 3072) == 89_874_104
   assert 85_647_360 + 768 + (768 * 768 + 768) == 86_238_720
 
@@ -310,37 +266,39 @@ def test_paper_recipes_in_configs():
   ratio 0.6."""
   c = simmim_swin.get_config()
   assert (c.model.variant, c.image_size, c.model.window, c.batch_size) == ("B", 192, 6, 2048)
-  assert (c.method.mask_patch, c.method.mask_ratio) == (32, 0.6)
+  assert (c.mask.name, c.mask.ratio, c.mask.coarse.cell * c.model.patch) == ("coarse", 0.6, 32)
   o = c.optim
   assert (o.b1, o.b2, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.999, 0.05, 5.0, 1e-5)
   assert float(optim.learning_rate(c)(o.warmup_steps)) == pytest.approx(8e-4)
   assert c.total_steps == 10 * o.warmup_steps
   assert c.data.crop_scale == (0.67, 1.0) and c.eval.linear_probe.feature == "gap"
   v = simmim_vit.get_config()
-  assert (v.model.variant, v.image_size, v.method.mask_patch) == ("B/16", 224, 32)
+  assert (v.model.variant, v.image_size, v.mask.coarse.cell * 16) == ("B/16", 224, 32)
   assert float(optim.learning_rate(v)(v.optim.warmup_steps)) == pytest.approx(4e-4)
   for config in (c, v, simmim_swin.get_config("runlocal"), simmim_vit.get_config("runlocal")):
     config_validation.validate(config)
 
 
 @pytest.mark.parametrize("make,overrides,expected", [
-    (simmim_swin.get_config, {"method.mask_patch": 32},
-     r"mask_patch 32 must divide image_size 32.*more than one mask cell.*valid: \[4, 8, 16\]"),
-    (simmim_swin.get_config, {"method.mask_patch": 6},
-     r"mask_patch 6 must divide image_size 32, be a multiple of the model's patch size 4"),
+    (simmim_swin.get_config, {"mask.coarse.cell": 8},
+     r"mask.coarse.cell 8 \(in patches\) must tile the 8x8 patch grid with more than one cell; "
+     r"valid: \[1, 2, 4\]"),
     (simmim_swin.get_config, {"model.window": 3}, r"window 3 does not tile stage 0 \(8x8"),
     (simmim_swin.get_config, {"model.variant": "H"}, r"unknown Swin variant 'H'"),
     (simmim_swin.get_config, {"image_size": 36},
      r"image_size 36 must be divisible by Swin's total stride 8"),
-    (simmim_vit.get_config, {"method.mask_patch": 12}, r"mask_patch 12 .*valid: \[4, 8, 16\]"),
-    (simmim_vit.get_config, {"method.mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\), got 1.0"),
+    (simmim_vit.get_config, {"mask.coarse.cell": 3}, r"mask.coarse.cell 3 .*valid: \[1, 2, 4\]"),
+    (simmim_vit.get_config, {"mask.ratio": 1.0}, r"mask.ratio must be in \(0, 1\), got 1.0"),
     (simmim_vit.get_config, {"model.name": "resnet"}, r"unknown model 'resnet'"),
 ])
 def test_validation_names_the_bad_value(make, overrides, expected):
   config = make("runlocal")
   for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (config[section] if section else config)[field] = value
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
   with pytest.raises(ValueError, match=expected):
     config_validation.validate(config)
 
@@ -357,13 +315,18 @@ def test_no_weight_decay_on_bias_tables_tokens_norms_and_biases():
   """Swin and SimMIM exclude the relative position bias tables and the mask token from weight
   decay, besides norms and biases; every kernel (head included) decays."""
   config = simmim_swin.get_config("runlocal")
-  model = methods.build(config)
-  params = jax.eval_shape(lambda r: model.init({"params": r, "mask": r},
-                                               jnp.zeros((1, 32, 32, 1))), jax.random.key(0))
-  flat = {sharding.path_name(path): v for path, v in
-          jax.tree_util.tree_leaves_with_path(optim.decay_mask(params["params"]))}
+  flat = tree_paths.flatten(optim.decay_mask(abstract_params(config)))
   table = "encoder/stage_0_block_1/attn/relative_position_bias_table"
   assert flat[table] is False and flat["encoder/mask_token"] is False
   assert flat["head/kernel"] is True and flat["encoder/merge_1/reduction/kernel"] is True
   for name, decays in flat.items():
     assert decays == name.endswith("kernel"), name
+
+
+def test_mask_patch_argument_must_be_a_multiple_of_the_patch():
+  """The config's `mask_patch` (pixels, as SimMIM states it) becomes mask.coarse.cell (patches)."""
+  assert simmim_swin.get_config("runlocal,mask_patch=16").mask.coarse.cell == 4
+  assert simmim_vit.get_config("variant=B/16,mask_patch=32").mask.coarse.cell == 2
+  with pytest.raises(ValueError, match=r"mask_patch 6 must be a positive multiple of the "
+                                       r"model's patch size 4"):
+    simmim_swin.get_config("runlocal,mask_patch=6")

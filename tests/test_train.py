@@ -2,15 +2,14 @@
 with the micro ViT (Mu/4, a 1x32 decoder, 16 px, batch 16), reading back the files a user would
 read: metrics.jsonl, TensorBoard events, orbax checkpoints, and the log on stderr.
 
-Runs are subprocesses on 1 CPU device; they share a persistent XLA compilation cache, so a
-config compiled once is not compiled again by the next run of the same config. Checkpoints are
-restored in-process, onto the 8 fake devices conftest.py sets up.
+Runs are subprocesses on 1 CPU device; they share the session's persistent XLA compilation cache
+(conftest.py), so a config compiled once is not compiled again by the next run of the same
+config. Checkpoints are restored in-process, onto the 8 fake devices conftest.py sets up.
 """
 
 import hashlib
 import json
 import math
-import os
 import pathlib
 import re
 import shutil
@@ -33,9 +32,9 @@ from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
 from mim_jax.data import pipeline
+from conftest import MICRO_MAE, REPO, run_module, subprocess_env
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-ARG = "variant=Mu/4,decoder=1x32,data=digits,image_size=16,batch_size=16"
+ARG = MICRO_MAE
 # Every run logs every step; base_lr is raised from the paper's 1.5e-4 so that 100 steps at
 # batch 16 visibly train (peak lr = 1e-2 * 16 / 256 = 6.25e-4).
 COMMON = {"log_every_steps": 1, "optim.warmup_steps": 5, "optim.base_lr": 1e-2,
@@ -50,38 +49,28 @@ RUN_TIMEOUT_S = 300
 # Running the CLI and reading what it writes.
 # ---------------------------------------------------------------------------------------------
 
-def command(workdir: pathlib.Path, overrides: dict, arg: str = ARG) -> list[str]:
-  return ([sys.executable, "-m", "mim_jax.main", f"--config=configs/mae_vit.py:{arg}",
-           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+def main_flags(workdir: pathlib.Path, overrides: dict, arg: str = ARG) -> list[str]:
+  return ([f"--config=configs/mae_vit.py:{arg}", f"--workdir={workdir}"]
+          + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def child_env(cache_dir: pathlib.Path | None, devices: int = 1) -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if "xla_force_host_platform_device_count" not in f]
-  if devices > 1:
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["JAX_PLATFORMS"] = "cpu"
-  if cache_dir is not None:
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  return env
-
-
-def run_main(workdir: pathlib.Path, overrides: dict, cache_dir: pathlib.Path | None, *,
-             arg: str = ARG, devices: int = 1) -> subprocess.CompletedProcess:
-  return subprocess.run(command(workdir, overrides, arg), cwd=REPO, env=child_env(cache_dir, devices),
-                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+def run_main(workdir: pathlib.Path, overrides: dict, *, arg: str = ARG,
+             devices: int = 1) -> subprocess.CompletedProcess:
+  """A run of `python -m mim_jax.main` to its end. Runs share the session's compilation cache
+  (conftest.py), so a config compiled once is not compiled again by the next run."""
+  return run_module("mim_jax.main", *main_flags(workdir, overrides, arg), devices=devices,
+                    timeout=RUN_TIMEOUT_S)
 
 
 class Started:
   """A run of main.py in the background, its stderr going to a file (a pipe could fill up)."""
 
-  def __init__(self, workdir: pathlib.Path, overrides: dict, cache_dir: pathlib.Path,
-               log: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, overrides: dict, log: pathlib.Path):
     self.workdir, self.log = workdir, log
     with open(log, "w") as f:
-      self.proc = subprocess.Popen(command(workdir, overrides), cwd=REPO, env=child_env(cache_dir),
+      self.proc = subprocess.Popen([sys.executable, "-m", "mim_jax.main",
+                                    *main_flags(workdir, overrides)], cwd=REPO,
+                                   env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=f)
 
   def wait_until(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -164,11 +153,7 @@ def restore(workdir: pathlib.Path, step: int, overrides: dict) -> train.TrainSta
   """Restores a checkpoint the way the trainer does, onto this process's 8 devices."""
   config = make_config(overrides)
   model, tx = methods.build(config), optim.build(config)
-  mesh = sharding.make_mesh()
-  abstract = jax.eval_shape(train.make_init_fn(model, tx, config), jax.random.key(0))
-  shardings = sharding.state_shardings(abstract, mesh, config)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  abstract, _ = train.abstract_state(model, tx, config, sharding.make_mesh(), jax.random.key(0))
   ckpt = checkpoint.Checkpointer(str(workdir), keep=3, async_save=False)
   try:
     return ckpt.restore(step, abstract, pipeline.train_iterator(config))
@@ -176,16 +161,11 @@ def restore(workdir: pathlib.Path, step: int, overrides: dict) -> train.TrainSta
     ckpt.close()
 
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, compile_cache) -> pathlib.Path:
+def reference_run(tmp_path_factory) -> pathlib.Path:
   """One uninterrupted run of REF_STEPS steps, shared by the tests that read it."""
   workdir = tmp_path_factory.mktemp("reference")
-  result = run_main(workdir, REF, compile_cache)
+  result = run_main(workdir, REF)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -218,9 +198,9 @@ def test_mae_loss_falls_and_metrics_reach_jsonl_and_tensorboard(reference_run):
   assert committed_steps(reference_run) == [80, 90, 100]  # checkpoint.keep = 3
 
 
-def test_resume_after_sigkill_is_bit_exact(reference_run, compile_cache, tmp_path):
+def test_resume_after_sigkill_is_bit_exact(reference_run, tmp_path):
   workdir = tmp_path / "b"
-  run = Started(workdir, REF, compile_cache, tmp_path / "b1.log")
+  run = Started(workdir, REF, tmp_path / "b1.log")
 
   def past_a_checkpoint() -> bool:
     steps, logged = committed_steps(workdir), logged_steps(workdir)
@@ -232,7 +212,7 @@ def test_resume_after_sigkill_is_bit_exact(reference_run, compile_cache, tmp_pat
   killed_rows = logged_steps(workdir)
   assert REF_STEPS not in committed_steps(workdir)
 
-  result = run_main(workdir, REF, compile_cache)
+  result = run_main(workdir, REF)
   assert result.returncode == 0, result.stderr[-3000:]
   resumed = int(re.search(r"resumed from step (\d+)", result.stderr).group(1))
   assert 10 <= resumed < REF_STEPS and resumed % 10 == 0
@@ -254,11 +234,11 @@ def test_resume_after_sigkill_is_bit_exact(reference_run, compile_cache, tmp_pat
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sigterm_checkpoints_then_rerun_resumes(compile_cache, tmp_path):
+def test_sigterm_checkpoints_then_rerun_resumes(tmp_path):
   workdir = tmp_path / "preempted"
   long_run = {**COMMON, "total_steps": 100_000, "checkpoint.every_steps": 100_000}
 
-  run = Started(workdir, long_run, compile_cache, tmp_path / "first.log")
+  run = Started(workdir, long_run, tmp_path / "first.log")
   run.wait_until(lambda: len(logged_steps(workdir)) >= 3, "three logged steps")
   run.proc.send_signal(signal.SIGTERM)
   rc, log = run.finish()
@@ -269,7 +249,7 @@ def test_sigterm_checkpoints_then_rerun_resumes(compile_cache, tmp_path):
   assert logged_steps(workdir) == list(range(1, stopped + 1))
 
   # The same command resumes from the preemption checkpoint, and can be preempted again.
-  run = Started(workdir, long_run, compile_cache, tmp_path / "second.log")
+  run = Started(workdir, long_run, tmp_path / "second.log")
   run.wait_until(lambda: logged_steps(workdir)[-1] >= stopped + 3, "three steps after resuming")
   run.proc.send_signal(signal.SIGTERM)
   rc, log = run.finish()
@@ -283,13 +263,12 @@ def test_sigterm_checkpoints_then_rerun_resumes(compile_cache, tmp_path):
   assert all(math.isfinite(x) for x in losses)
 
 
-def test_workdir_of_another_model_is_refused_and_left_untouched(reference_run, compile_cache,
-                                                                 tmp_path):
+def test_workdir_of_another_model_is_refused_and_left_untouched(reference_run, tmp_path):
   workdir = tmp_path / "other_model"
   shutil.copytree(reference_run, workdir)
   before = snapshot(workdir)
   wider_decoder = ARG.replace("decoder=1x32", "decoder=1x64")
-  result = run_main(workdir, REF, compile_cache, arg=wider_decoder)
+  result = run_main(workdir, REF, arg=wider_decoder)
   assert result.returncode != 0
   assert "CheckpointMismatchError" in result.stderr
   assert "holds a checkpoint (step 100) of a different model" in result.stderr
@@ -298,14 +277,14 @@ def test_workdir_of_another_model_is_refused_and_left_untouched(reference_run, c
   assert snapshot(workdir) == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compile_cache, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # The lr is normal during warmup (steps 1-3), then NaN: the cosine decay towards a min_lr
   # that overflows float32 computes inf - inf. The update of step 4 makes every parameter NaN
   # while step 4's loss, computed before that update, is still finite.
   workdir = tmp_path / "blowup"
   overrides = {**COMMON, "total_steps": 20, "optim.warmup_steps": 3, "optim.min_lr": 1e45,
                "checkpoint.every_steps": 2}
-  result = run_main(workdir, overrides, compile_cache)
+  result = run_main(workdir, overrides)
   assert result.returncode != 0
   match = re.search(r"NonFiniteLossError: non-finite .* at step (\d+); stopping: the last good "
                     r"checkpoint \(step (\d+)\) is kept", result.stderr)
@@ -327,13 +306,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compile_cache,
 @pytest.mark.parametrize("arg, overrides, expected", [
     ("variant=Q/4", {}, [r"'Q/4'", r"\['B', 'H', 'L', 'Mu', 'S', 'Ti'\]"]),
     ("variant=Mu/4", {"model.name": "resnet"}, [r"'resnet'", re.escape(str(models.names()))]),
-    ("variant=Mu/4", {"method.name": "beit"}, [r"'beit'", re.escape(str(methods.names()))]),
+    ("variant=Mu/4", {"method.name": "beit"}, [r"'beit'", re.escape(str(methods.METHODS.names()))]),
     ("variant=Mu/4,data=imagenet", {}, [r"'imagenet'", r"digits, synthetic, tfds:<name>, "
                                                         r"folder:<path>"]),
     ("variant=Mu/4,data=folder:", {}, [r"'folder:'", r"folder:<path>"]),
-    ("variant=Mu/4", {"method.mask_ratio": 0.0}, [r"mask_ratio", r"\(0, 1\)", r"0\.0"]),
-    ("variant=Mu/4", {"method.mask_ratio": 1.0}, [r"mask_ratio", r"\(0, 1\)", r"1\.0"]),
-    ("variant=Mu/4", {"method.mask": "checkerboard"}, [r"'checkerboard'", r"'random'"]),
+    ("variant=Mu/4", {"mask.ratio": 0.0}, [r"mask.ratio", r"\(0, 1\)", r"0\.0"]),
+    ("variant=Mu/4", {"mask.ratio": 1.0}, [r"mask.ratio", r"\(0, 1\)", r"1\.0"]),
+    ("variant=Mu/4", {"mask.name": "checkerboard"}, [r"'checkerboard'", r"'random'"]),
     ("variant=Mu/4,image_size=18", {}, [r"image_size 18", r"patch size 4", r"'Mu/4'"]),
     ("variant=Mu/4,batch_size=12", {}, [r"batch_size 12", r"multiple of the number of devices "
                                                           r"\(8\)"]),
@@ -371,7 +350,7 @@ def test_unknown_config_argument_names_the_valid_ones():
 ])
 def test_cli_rejects_a_bad_config_before_training(arg, devices, expected, tmp_path):
   workdir = tmp_path / "workdir"
-  result = run_main(workdir, COMMON, None, arg=arg, devices=devices)
+  result = run_main(workdir, COMMON, arg=arg, devices=devices)
   assert result.returncode != 0
   for pattern in expected:
     assert re.search(pattern, result.stderr), (pattern, result.stderr[-3000:])

@@ -12,10 +12,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +19,13 @@ import numpy as np
 import pytest
 
 from configs import mae_vit
+from conftest import MICRO_MAE
+from conftest import REPO
+from conftest import no_evals
+from conftest import random_images
+from conftest import run_module
 from mim_jax import checkpoint
+from mim_jax import evaluate
 from mim_jax import masking
 from mim_jax import methods
 from mim_jax import optim
@@ -31,16 +33,14 @@ from mim_jax import pretrained
 from mim_jax import pth
 from mim_jax import sharding
 from mim_jax import train
+from mim_jax import tree_paths
 from mim_jax.data import pipeline
-from mim_jax.evaluators import standalone
 from mim_jax.models import layers
 from mim_jax.tools import export
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Three channels (synthetic data) so the patch-embedding and pixel orders are exercised; two
 # heads in encoder and decoder so the head split is.
 ARG = "variant=Mu/4,decoder=2x64,image_size=16,batch_size=16,data=synthetic"
-WORKDIR_ARG = "variant=Mu/4,decoder=1x32,image_size=16,batch_size=16,data=digits"
 
 
 def make_config(arg: str = ARG, **model):
@@ -194,7 +194,7 @@ def test_official_mae_matches_pytorch_features_decoder_and_loss(official):
   images = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
   images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   noise = rng.uniform(size=(3, 16)).astype(np.float32)
-  keep = masking.num_visible(16, config.method.mask_ratio)
+  keep = masking.num_visible(16, config.mask.ratio)
   mask = masking.keep_lowest(jnp.asarray(noise), keep)
   ids_keep_t, ids_restore_t, mask_t = torch_random_mask(torch.from_numpy(noise), keep)
   np.testing.assert_array_equal(mask.ids_keep, ids_keep_t.numpy())
@@ -234,7 +234,7 @@ def test_learned_posemb_and_cls_position_load_exactly(official, tmp_path):
   params = pretrained.load_encoder_params(str(path), config)
   assert params["pos_embedding"].shape == (1, 16, 64)
   encoder = methods.build(config).encoder
-  images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  images = random_images((2, 16, 16, 3), seed=1)
   _, aux = encoder.apply({"params": params}, images)
   model = copy.deepcopy(model)
   with torch.no_grad():
@@ -267,7 +267,7 @@ def test_encoder_only_release_loads_as_encoder(official, tmp_path):
   config.eval.init_from = str(path)
   config.eval.knn.enabled = True
   config.eval.max_examples = 64
-  results = standalone.run(config, str(tmp_path / "eval"))
+  results = evaluate.run(config, str(tmp_path / "eval"))
   assert 0.0 <= results["knn/pretrained"] <= 1.0
   saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
   assert saved["knn/pretrained"] == results["knn/pretrained"] and saved["source"] == str(path)
@@ -302,7 +302,7 @@ def test_pth_reader_needs_no_torch_and_reads_every_layout(official):
   assert sorted(arrays) == sorted(state)
   for name, value in state.items():
     np.testing.assert_array_equal(arrays[name], value.numpy())
-  source = ROOT / "mim_jax" / "pth.py"
+  source = REPO / "mim_jax" / "pth.py"
   assert "import torch" not in source.read_text()
 
   odd = {"t": torch.arange(12.0).reshape(3, 4).t(), "view": torch.arange(10.0)[3:7],
@@ -339,7 +339,7 @@ def test_learned_posemb_starts_as_sincos():
   """ViT(posemb='learned') at init computes exactly what the fixed sin-cos ViT computes."""
   learned = methods.build(make_config(posemb="learned")).encoder
   fixed = methods.build(make_config()).encoder
-  images = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  images = random_images((2, 16, 16, 3), seed=2)
   params = learned.init(jax.random.key(0), images)["params"]
   np.testing.assert_array_equal(params["pos_embedding"][0], layers.sincos_posemb_2d((4, 4), 64))
   without = {k: v for k, v in params.items() if k != "pos_embedding"}
@@ -354,10 +354,10 @@ def test_learned_posemb_starts_as_sincos():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """Two steps of MAE pretraining on digits, with the trainer's own checkpointing."""
-  config = make_config(WORKDIR_ARG)
+  config = make_config(MICRO_MAE)
   config.total_steps = 2
   config.checkpoint.async_save = False
-  config.eval.reconstruction_png = False
+  no_evals(config)
   path = tmp_path_factory.mktemp("pretrained")
   train.train_and_evaluate(config, str(path))
   return config, path
@@ -375,8 +375,8 @@ def test_workdir_params_load_bit_exactly(workdir):
     state = ckpt.restore(2, abstract, pipeline.train_iterator(config))
   finally:
     ckpt.close()
-  leaves = pretrained.flatten(params)
-  reference = pretrained.flatten(jax.device_get(state.params))
+  leaves = tree_paths.flatten(params)
+  reference = tree_paths.flatten(jax.device_get(state.params))
   assert sorted(leaves) == sorted(reference)
   for name, value in reference.items():
     assert isinstance(leaves[name], np.ndarray) and leaves[name].dtype == value.dtype
@@ -385,13 +385,13 @@ def test_workdir_params_load_bit_exactly(workdir):
   assert encoder.keys() == params["encoder"].keys()
 
   # Into a learned-posemb model at 24 px: the table is the sin-cos the encoder was trained with.
-  wide = make_config(WORKDIR_ARG.replace("image_size=16", "image_size=24"), posemb="learned")
+  wide = make_config(MICRO_MAE.replace("image_size=16", "image_size=24"), posemb="learned")
   learned = pretrained.load_encoder_params(str(path), wide)
   np.testing.assert_array_equal(learned["pos_embedding"][0], layers.sincos_posemb_2d((6, 6), 64))
 
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"encoder/patch_embed/kernel: "
                      r"saved \[4, 4, 1, 64\] vs model \[8, 8, 1, 64\]"):
-    pretrained.load_params(str(path), make_config(WORKDIR_ARG.replace("Mu/4", "Mu/8")))
+    pretrained.load_params(str(path), make_config(MICRO_MAE.replace("Mu/4", "Mu/8")))
 
 
 def test_export_npz_round_trip(workdir, tmp_path):
@@ -414,11 +414,8 @@ def test_export_npz_round_trip(workdir, tmp_path):
 def test_export_command_line_on_an_official_checkpoint(official, tmp_path):
   _, _, _, path = official
   out = tmp_path / "vit.npz"
-  result = subprocess.run(
-      [sys.executable, "-m", "mim_jax.tools.export", f"--source={path}", f"--out={out}",
-       f"--config={ROOT / 'configs' / 'mae_vit.py'}:{ARG}", "--what=all"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = run_module("mim_jax.tools.export", f"--source={path}", f"--out={out}",
+                      f"--config={REPO / 'configs' / 'mae_vit.py'}:{ARG}", "--what=all")
   assert result.returncode == 0, result.stderr[-2000:]
   with np.load(out) as data:
     assert "decoder/pred/kernel" in data.files

@@ -1,6 +1,6 @@
 """grain pipelines: the infinite, checkpointable train iterator and whole-split eval arrays."""
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from absl import flags
 import grain
@@ -19,12 +19,24 @@ def check_channels(config: ml_collections.ConfigDict) -> None:
                      f"(data.channels={d.channels}).")
 
 
+def train_transform(source: Any, config: ml_collections.ConfigDict
+                    ) -> Callable[[dict, np.random.Generator], dict]:
+  """The random per-example transform of training records. Image sources get MAE's
+  augmentation (random resized crop, flip, normalisation); a source of another modality brings
+  its own as `source.train_transform(config)`."""
+  if hasattr(source, "train_transform"):
+    return source.train_transform(config)
+  d = config.data
+  return augment.TrainTransform(config.image_size, tuple(d.crop_scale), tuple(d.crop_ratio),
+                                d.hflip, tuple(d.mean), tuple(d.std))
+
+
 def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                    process_count: int | None = None) -> grain.DatasetIterator:
   """Returns this process's infinite iterator of augmented train batches.
 
-  Batches are {"image": float32 [B, S, S, C] normalised, "label": int32 [B]} with
-  B = batch_size // process_count. Each process reads every process_count-th example of the
+  Batches are dicts of arrays with a leading axis B = batch_size // process_count: for images
+  {"image": float32 [B, S, S, C] normalised, "label": int32 [B]}. Each process reads every process_count-th example of the
   source, reshuffled each epoch. The order is a function of config.seed and the process alone,
   and the iterator's get_state() / set_state() resume it exactly.
   The process defaults are read at call time, i.e. after jax.distributed.initialize.
@@ -41,8 +53,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
   if not len(ds):
     raise ValueError(f"data.name={d.name!r} split {d.split!r} has {len(source)} examples, "
                      f"too few for {process_count} processes.")
-  transform = augment.TrainTransform(config.image_size, tuple(d.crop_scale), tuple(d.crop_ratio),
-                                     d.hflip, tuple(d.mean), tuple(d.std))
+  transform = train_transform(source, config)
   # Folding in the process index gives each process its own augmentation stream; otherwise the
   # i-th example of every shard would be cropped and flipped alike.
   seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])

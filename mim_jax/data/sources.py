@@ -28,9 +28,10 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
+from mim_jax import registry
+
 Record = dict[str, np.ndarray]
 
-VALID_NAMES = ("digits", "synthetic", "tfds:<name>", "folder:<path>")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 DIGITS_TRAIN_SIZE = 1500
 SYNTHETIC_SIZE = 10_000
@@ -206,26 +207,36 @@ class FolderSource:
     raise ValueError(f"folder source: no decodable image file among {len(self._files)}.")
 
 
+# Source kind (the part of data.name before ':') -> builder(arg, data_config, split, image_size),
+# where arg is the part after ':'.
+SOURCES = registry.Registry("data source", {
+    "digits": lambda arg, d, split, image_size: DigitsSource(split, d.channels),
+    "synthetic": lambda arg, d, split, image_size: SyntheticSource(
+        split, image_size, d.channels, d.num_classes),
+    # '' or None both mean tfds' default data dir.
+    "tfds": lambda arg, d, split, image_size: TfdsSource(
+        arg, split, d.tfds_data_dir or None, d.channels),
+    "folder": lambda arg, d, split, image_size: FolderSource(arg, split, d.channels, d.on_corrupt),
+})
+# The kinds that take an argument after ':', and what it is; the others take none.
+_ARGUMENTS = {"tfds": "<name>", "folder": "<path>"}
+VALID_NAMES = tuple(f"{kind}:{_ARGUMENTS[kind]}" if kind in _ARGUMENTS else kind
+                    for kind in SOURCES)
+
+
 def check_name(name: str) -> None:
   """Raises ValueError unless `name` has one of the forms in VALID_NAMES."""
-  kind, _, arg = name.partition(":")
-  if name not in ("digits", "synthetic") and not (kind in ("tfds", "folder") and arg):
+  kind, colon, arg = name.partition(":")
+  valid = bool(arg) if kind in _ARGUMENTS else kind in SOURCES and not colon
+  if not valid:
     raise ValueError(f"Unknown data.name {name!r}; valid forms: {', '.join(VALID_NAMES)}.")
 
 
 def get_source(data_config: ml_collections.ConfigDict, split: str,
                image_size: int) -> grain.sources.RandomAccessDataSource[Record]:
   """Returns the random-access source named by `data_config.name` for `split`."""
-  name, channels = data_config.name, data_config.channels
-  check_name(name)
-  if channels not in _PIL_MODES:
-    raise ValueError(f"data.channels={channels}; valid: 1 (grayscale), 3 (RGB).")
-  if name == "digits":
-    return DigitsSource(split, channels)
-  if name == "synthetic":
-    return SyntheticSource(split, image_size, channels, data_config.num_classes)
-  kind, _, arg = name.partition(":")
-  if kind == "tfds":
-    # '' or None both mean tfds' default data dir.
-    return TfdsSource(arg, split, data_config.tfds_data_dir or None, channels)
-  return FolderSource(arg, split, channels, data_config.on_corrupt)
+  check_name(data_config.name)
+  if data_config.channels not in _PIL_MODES:
+    raise ValueError(f"data.channels={data_config.channels}; valid: 1 (grayscale), 3 (RGB).")
+  kind, _, arg = data_config.name.partition(":")
+  return SOURCES[kind](arg, data_config, split, image_size)

@@ -8,7 +8,8 @@ Every evaluator names the feature it reads with a spec string (`config.eval.<eva
                           'gap@block_5' (block 5's pre-norm output [B, 1+N, D]) or 'gap@stage_2'
                           (Swin). A negative index counts from the end: 'cls@block_-1' is the
                           last block before the final norm, 'gap@block_-2' the one before it;
-  'pixels'                the flattened input images: the baseline that needs no model.
+  'pixels'                the flattened input images: the baseline that needs no model;
+  'logits', 'pre_logits'  a classifier's outputs (methods/finetune.py's aux), e.g. for top-1.
 
 In a model whose aux has 'cls' (ViT, CRATE, ...), intermediates carry the cls token at index 0
 and 'gap' averages the other tokens; in one without (Swin), 'gap' averages every token and
@@ -27,6 +28,7 @@ from mim_jax import sharding
 
 PIXELS = "pixels"
 POOLS = ("cls", "gap")
+CLASSIFIER = ("logits", "pre_logits")
 _LAYER = re.compile(r"^(\w+?)_(-?\d+)$")   # 'block_5', 'block_-1', 'stage_2'
 _NAME = re.compile(r"^[A-Za-z]\w*?(_-\d+)?$")
 
@@ -35,10 +37,11 @@ def parse(spec: str) -> tuple[str, str | None]:
   """'gap@block_5' -> ('gap', 'block_5'); 'cls' -> ('cls', None). Raises ValueError on a
   malformed spec (the layer itself is checked against the model's aux when traced)."""
   pool, _, layer = spec.partition("@")
-  if spec == PIXELS or (pool in POOLS and (not spec.count("@") or _NAME.match(layer))):
+  if spec in (PIXELS,) + CLASSIFIER or (pool in POOLS and (not spec.count("@")
+                                                           or _NAME.match(layer))):
     return pool, layer or None
   raise ValueError(f"bad feature {spec!r}: expected 'cls', 'gap', '<cls|gap>@<layer>' (e.g. "
-                   f"'gap@block_5', 'cls@block_-1') or {PIXELS!r}")
+                   f"'gap@block_5', 'cls@block_-1'), {PIXELS!r} or one of {CLASSIFIER}")
 
 
 def resolve_layer(layer: str, aux: dict) -> str:

@@ -3,7 +3,7 @@
 same encoder at the random init the run started from, and raw pixels."""
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -16,9 +16,11 @@ from mim_jax.evaluators import suite
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, params,
-        evaluators: suite.Suite, init_fn: Callable, init_rng: jax.Array) -> dict[str, float]:
+        evaluators: suite.Suite, init_params: Callable[[jax.Array], Any], init_rng: jax.Array
+        ) -> dict[str, float]:
   """`evaluators` is the run's suite, so the data it read and the feature extractor it compiled
-  for the periodic evals serve these too."""
+  for the periodic evals serve these too. `init_params(init_rng)` gives the params the run
+  started from (the random-init baseline)."""
   e = config.eval
   if e.reconstruction_png and jax.process_index() == 0:
     images, _ = pipeline.eval_arrays(config, config.data.eval_split,
@@ -30,5 +32,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
   # The same initialisation the run started from, so the comparison isolates pretraining;
   # placed like `params`, so the feature extractor compiled for them serves it too.
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  random_init = jax.jit(lambda rng: init_fn(rng).params, out_shardings=shardings)
+  random_init = jax.jit(init_params, out_shardings=shardings)
   return evaluators.run_with_baselines(params, lambda: random_init(init_rng))

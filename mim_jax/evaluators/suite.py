@@ -5,12 +5,15 @@
                                    #  'few_shot/10shot/pretrained': .., ...}
   evals.run_pixels()               # the same with raw pixels as features: '.../pixels'
 
-An evaluator is a module with `evaluate(cfg, train, test, num_classes, mesh) -> {metric: value}`
-(train and test are (features [N, D], labels [N]) pairs) and a section `config.eval.<name>`
-holding `enabled`, `feature` (a spec of evaluators/features.py) and its own settings. The two
-splits are read once per Suite; a `run` computes the encoder's features once, for every
-evaluator. The trainer runs the suite every `eval.every_steps` and at the end (final.py), and
-`--mode=eval` runs it on a checkpoint (standalone.py).
+An evaluator is a module registered in EVALUATORS with a section `config.eval.<name>` holding
+`enabled`, `feature` (a spec of evaluators/features.py) and its own settings, and either
+  evaluate(cfg, train, test, num_classes, mesh) -> {metric: value}, train and test being
+      (features [N, D], labels [N]) pairs of the cached splits (k-NN, probes, few-shot), or,
+      with `STREAMED = True`, evaluate(cfg, extract, batches) -> {metric: value}, fed the whole
+      eval split batch by batch (top-1 of a fine-tuned classifier).
+The two cached splits are read once per Suite; a `run` computes the model's features once for
+every evaluator. The trainer runs the suite every `eval.every_steps` and at the end (final.py),
+and `--mode=eval` runs it on a checkpoint (mim_jax/evaluate.py).
 """
 
 import time
@@ -27,9 +30,16 @@ from mim_jax.evaluators import features
 from mim_jax.evaluators import few_shot
 from mim_jax.evaluators import knn
 from mim_jax.evaluators import linear_probe
+from mim_jax.evaluators import top1
+from mim_jax.registry import Registry
 
-EVALUATORS = {"knn": knn, "linear_probe": linear_probe, "few_shot": few_shot}
+EVALUATORS = Registry("evaluator", {"knn": knn, "linear_probe": linear_probe,
+                                    "few_shot": few_shot, "top1": top1})
 BASELINES = ("random_init", "pixels")
+
+
+def _streamed(name: str) -> bool:
+  return getattr(EVALUATORS[name], "STREAMED", False)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -39,6 +49,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     features.parse(e[name].feature)
   if e.every_steps < 0:
     raise ValueError(f"eval.every_steps must be >= 0 (0: only at the end), got {e.every_steps}")
+  if not e.run_name or "/" in e.run_name:
+    raise ValueError(f"eval.run_name must be a non-empty name without '/', got {e.run_name!r}")
+  if e.top1.enabled and e.top1.feature not in features.CLASSIFIER[:1]:
+    raise ValueError(f"eval.top1.feature must be 'logits' (a classifier's), got "
+                     f"{e.top1.feature!r}")
   if set(e.baselines) - set(BASELINES):
     raise ValueError(f"eval.baselines {e.baselines} may only hold {BASELINES}")
   if e.knn.k <= 0 or e.knn.temperature <= 0 or e.knn.chunk <= 0:
@@ -85,9 +100,20 @@ class Suite:
     return self._data
 
   def run(self, params: Any, name: str) -> dict[str, float]:
-    """Every enabled evaluator on the encoder `params`; keys end in '/<name>'."""
-    if not self.names:
-      return {}
+    """Every enabled evaluator on the model's `params`; keys end in '/<name>'."""
+    results = {}
+    for evaluator in filter(_streamed, self.names):
+      start = time.perf_counter()
+      c = self.config
+      out = EVALUATORS[evaluator].evaluate(
+          c.eval[evaluator], lambda images: self._extract(params, images),
+          pipeline.eval_batches(c, c.data.eval_split, self._extract.batch_size))
+      results.update({f"{key}/{name}": value for key, value in out.items()})
+      logging.info("eval %s: %s on %s/%s in %.1fs: %s", name, evaluator, c.data.name,
+                   c.data.eval_split, time.perf_counter() - start,
+                   ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    if not any(not _streamed(n) for n in self.names):
+      return results
     (train_x, _), (test_x, _) = self.data
     start = time.perf_counter()
     feats = {}
@@ -96,16 +122,19 @@ class Suite:
       feats = {spec: (train_f[spec], test_f[spec]) for spec in self._extract.specs}
     logging.info("eval %s: features of %d + %d images in %.1fs", name, len(train_x),
                  len(test_x), time.perf_counter() - start)
-    return self._evaluate(name, lambda spec: feats[spec] if spec in feats else self._pixels())
+    results.update(self._evaluate(
+        name, lambda spec: feats[spec] if spec in feats else self._pixels()))
+    return results
 
   def run_pixels(self) -> dict[str, float]:
-    """Every enabled evaluator on raw pixels (the flattened images): keys end in '/pixels'."""
+    """Every enabled evaluator of cached features on raw pixels (the flattened images): keys
+    end in '/pixels'."""
     return self._evaluate("pixels", lambda spec: self._pixels())
 
   def run_with_baselines(self, params: Any, random_init: Callable[[], Any]) -> dict[str, float]:
     """The pretrained `params`, then the baselines `config.eval.baselines` names: the same
     encoder at random init (`random_init()` gives its params) and raw pixels. Logs a table."""
-    results = self.run(params, "pretrained")
+    results = self.run(params, self.config.eval.run_name)
     if "random_init" in self.config.eval.baselines:
       results.update(self.run(random_init(), "random_init"))
     if "pixels" in self.config.eval.baselines:
@@ -123,7 +152,7 @@ class Suite:
                 ) -> dict[str, float]:
     (_, train_y), (_, test_y) = self.data
     results = {}
-    for evaluator in self.names:
+    for evaluator in (n for n in self.names if not _streamed(n)):
       cfg = self.config.eval[evaluator]
       train_f, test_f = source(cfg.feature)
       start = time.perf_counter()
@@ -152,6 +181,6 @@ def table(results: dict[str, float]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
-        mesh: jax.sharding.Mesh, prefix: str = "pretrained") -> dict[str, float]:
-  """One-off: the enabled evaluators on `params`, keys ending in '/<prefix>'."""
-  return Suite(config, model, mesh).run(params, prefix)
+        mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """One-off: the enabled evaluators on `params`, keys ending in '/<config.eval.run_name>'."""
+  return Suite(config, model, mesh).run(params, config.eval.run_name)

@@ -1,47 +1,71 @@
-"""Pretraining objectives, one file each, picked by `config.method.name`.
+"""Training objectives, one file each, picked by `config.method.name`.
 
-A method file defines three functions:
-  build(config) -> flax module whose `__call__(images, train=...)` returns `(loss, metrics)`,
-      drawing its randomness from the 'mask' (and 'dropout') rng streams. It also offers
-      `features(images) -> aux` for evaluators and, where it reconstructs pixels,
-      `reconstruct(images) -> dict of images` for the PNG grid;
+A method file defines four functions:
+  build(config) -> flax module. Its `__call__(<inputs>, *, train)` takes the batch arrays as
+      keyword arguments named as in `inputs` and returns `(loss, metrics)`, drawing randomness
+      from the 'mask' (and 'dropout') rng streams. It also offers `features(images) -> aux` for
+      the evaluators and, where it reconstructs pixels, `reconstruct(images) -> dict of images`
+      for the PNG grid;
+  inputs(config) -> {name: jax.ShapeDtypeStruct}: the arrays the method consumes from each
+      batch, with one example's shape (no batch axis), e.g. {'image': [S, S, C] float32} or
+      {'frames': [T, F] float32, 'frame_mask': [T] bool, 'label': [] int32};
   train_flops_per_example(config) -> int, the analytic training FLOPs of one example;
   validate(config) -> None, raising ValueError on a config the method cannot run.
-The trainer knows nothing else about a method.
+The trainer knows nothing else about a method: it builds init inputs and batch shardings from
+`inputs`, and never names a modality.
 """
 
 from types import ModuleType
+from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from mim_jax.methods import cae
 from mim_jax.methods import crate_mae
+from mim_jax.methods import finetune
 from mim_jax.methods import mae
 from mim_jax.methods import position
 from mim_jax.methods import simmim
+from mim_jax.registry import Registry
 
-_METHODS: dict[str, ModuleType] = {
+METHODS: Registry = Registry("method", {
     "cae": cae,
     "crate_mae": crate_mae,
+    "finetune": finetune,
     "mae": mae,
     "position": position,
     "simmim": simmim,
-}
-
-
-def names() -> list[str]:
-  return sorted(_METHODS)
+})
 
 
 def get(name: str) -> ModuleType:
-  if name not in _METHODS:
-    raise ValueError(f"unknown method {name!r}; valid: {names()}")
-  return _METHODS[name]
+  return METHODS[name]
 
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
   return get(config.method.name).build(config)
+
+
+def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The arrays the method consumes, one example's shape each (see the module docstring)."""
+  return get(config.method.name).inputs(config)
+
+
+def example_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict[str, jax.Array]:
+  """Zeros of the method's inputs with a leading batch axis: what `init` traces the model on."""
+  return {name: jnp.zeros((batch,) + spec.shape, spec.dtype)
+          for name, spec in inputs(config).items()}
+
+
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+  """The method's parameters at initialisation (jit- and eval_shape-able)."""
+  params_rng, mask_rng = jax.random.split(rng)
+  # train=False: initialisation needs no 'dropout' rng, and no parameter depends on it.
+  return model.init({"params": params_rng, "mask": mask_rng}, **example_batch(config),
+                    train=False)["params"]
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:

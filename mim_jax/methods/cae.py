@@ -74,15 +74,8 @@ class CrossAttention(nn.Module):
     q = dense(d, "q")(queries).reshape(b, n, self.heads, hd)
     k = dense(d, "k", use_bias=False)(keys).reshape(b, m, self.heads, hd)
     v = dense(d, "v")(values).reshape(b, m, self.heads, hd)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = layers.dot_product_attention(q, k, v, implementation=self.implementation)
     return dense(d, "proj")(out.reshape(b, n, d))
-
-
-def _layer_scale(module: nn.Module, name: str, init: float, width: int):
-  """Per-channel learned scale of a residual branch (CaiT's LayerScale), 1 when init is 0."""
-  if init <= 0:
-    return 1.0
-  return module.param(name, nn.initializers.constant(init), (width,), module.param_dtype)
 
 
 class RegressorBlock(nn.Module):
@@ -98,42 +91,22 @@ class RegressorBlock(nn.Module):
   @nn.compact
   def __call__(self, queries: jax.Array, visible: jax.Array, pos_queries: jax.Array,
                pos_visible: jax.Array) -> jax.Array:
-    d = queries.shape[-1]
-    norm = lambda name, use_bias=True: nn.LayerNorm(
-        epsilon=1e-6, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+    norm = lambda name, use_bias=True: layers.layer_norm(name, self.dtype, self.param_dtype,
+                                                         use_bias=use_bias)
     context = jnp.concatenate([visible, queries], axis=1)
     pos_context = jnp.concatenate([pos_visible, pos_queries], axis=1)
     attn = CrossAttention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
                           name="cross_attn")(norm("norm_q")(queries + pos_queries),
                                              norm("norm_k", False)(context + pos_context),
                                              norm("norm_v")(context))
-    x = queries + _layer_scale(self, "gamma_1", self.layer_scale, d) * attn
-    x = norm("norm2")(x)
+    x = norm("norm2")(queries + layers.layer_scale(self, "gamma_1", self.layer_scale, attn))
     mlp = layers.Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype, name="mlp")
-    return x + _layer_scale(self, "gamma_2", self.layer_scale, d) * mlp(x)
+    return x + layers.layer_scale(self, "gamma_2", self.layer_scale, mlp(x))
 
 
-class DecoderBlock(nn.Module):
-  """Pre-norm self-attention block with layer scale: x + g1 Attn(LN(x)), x + g2 MLP(LN(x))."""
-  heads: int
-  mlp_dim: int
-  layer_scale: float = 0.1
-  exact_gelu: bool = True
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  attention_impl: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    attn = layers.Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                            name="attn")
-    x = x + _layer_scale(self, "gamma_1", self.layer_scale, d) * attn(norm("norm1")(x))
-    mlp = layers.Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype, name="mlp")
-    return x + _layer_scale(self, "gamma_2", self.layer_scale, d) * mlp(norm("norm2")(x))
+# The decoder's block is the shared pre-norm self-attention block with layer scale:
+# x + g1 Attn(LN(x)), then x + g2 MLP(LN(x)) (parameters norm1, attn, gamma_1, norm2, mlp, gamma_2).
+DecoderBlock = layers.Block
 
 
 class CAE(nn.Module):
@@ -145,11 +118,7 @@ class CAE(nn.Module):
   decoder_depth: int
   image_size: int
   channels: int
-  mask_ratio: float = 0.5
-  mask_fn: str = "block"
-  block_min_patches: int = 16   # block_mask's knobs (only read when mask_fn == 'block').
-  block_min_aspect: float = 0.3
-  block_attempts: int = 64
+  mask_spec: masking.MaskSpec = masking.MaskSpec("block", 0.5)
   align_weight: float = 2.0
   layer_scale: float = 0.1
   norm_pix_loss: bool = True
@@ -181,11 +150,7 @@ class CAE(nn.Module):
     self.head = _dense(enc.patch * enc.patch * self.channels, "head", enc.dtype, enc.param_dtype)
 
   def draw_mask(self, batch: int) -> masking.Mask:
-    fn = masking.get(self.mask_fn)
-    if self.mask_fn == "block":
-      fn = functools.partial(masking.block_mask, min_patches=self.block_min_patches,
-                             min_aspect=self.block_min_aspect, attempts=self.block_attempts)
-    return fn(self.make_rng("mask"), batch, self.grid, self.mask_ratio)
+    return masking.draw(self.make_rng("mask"), batch, self.grid, self.mask_spec)
 
   def latents(self, images: jax.Array, ids: jax.Array) -> jax.Array:
     """Encoder latents of the patches `ids` [B, k] (the cls token dropped), at self.width."""
@@ -227,12 +192,12 @@ class CAE(nn.Module):
     return {"pixels": pixels, "latent_pred": latent_pred, "latent_target": latent_target,
             "ids_masked": ids_masked, "mask": mask}
 
-  def __call__(self, images: jax.Array, *, train: bool = True
+  def __call__(self, image: jax.Array, *, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns (loss, metrics)."""
+    """Returns (loss, metrics) on a batch of images [B, H, W, C]."""
     del train  # No dropout or drop path here; kept for the method interface.
-    p = self.predict(images)
-    target = mae.patch_targets(images, self.encoder.patch, self.norm_pix_loss)
+    p = self.predict(image)
+    target = mae.patch_targets(image, self.encoder.patch, self.norm_pix_loss)
     target = jnp.take_along_axis(target, p["ids_masked"][..., None], axis=1)
     loss_rec = jnp.mean((p["pixels"].astype(jnp.float32) - target) ** 2)
     loss_align = jnp.mean((p["latent_pred"].astype(jnp.float32)
@@ -271,28 +236,14 @@ def reconstruction_images(images: jax.Array, prediction: dict, patch: int, norm_
           "pasted": to_image(target * (1 - m) + full)}
 
 
+inputs = mae.inputs  # Images only.
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   m = config.method
-  if config.model.name != "vit":
-    raise ValueError(f"CAE encodes only the visible patches, which needs model.name 'vit', got "
-                     f"{config.model.name!r}")
-  _, patch = vit.parse_variant(config.model.variant)
-  if config.image_size % patch:
-    raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
-                     f"{patch} of variant {config.model.variant!r}")
-  side = config.image_size // patch
-  masking.num_visible(side * side, m.mask_ratio)
-  masking.get(m.mask)
-  if m.mask == "block":
-    largest = (side - 1) ** 2  # BEiT keeps a block strictly smaller than the grid on each side.
-    if not 1 <= m.block_min_patches <= largest:
-      raise ValueError(f"method.block_min_patches {m.block_min_patches} cannot fit the "
-                       f"{side}x{side} patch grid (blocks are at most {side - 1}x{side - 1}); "
-                       f"use 1 .. {largest}")
-    if not 0.0 < m.block_min_aspect <= 1.0:
-      raise ValueError(f"method.block_min_aspect must be in (0, 1], got {m.block_min_aspect}")
-    if m.block_attempts < 1:
-      raise ValueError(f"method.block_attempts must be positive, got {m.block_attempts}")
+  grid = models.patch_grid(config, method="CAE (it encodes only the visible patches)",
+                           supported=("vit",))
+  masking.validate(config.mask, grid)
   for field in ("regressor_depth", "decoder_depth", "width", "heads"):
     if m[field] < 1:
       raise ValueError(f"method.{field} must be positive, got {m[field]}")
@@ -309,9 +260,7 @@ def build(config: ml_collections.ConfigDict) -> CAE:
   return CAE(encoder=models.build_encoder(config), width=m.width, heads=m.heads,
              regressor_depth=m.regressor_depth, decoder_depth=m.decoder_depth,
              image_size=config.image_size, channels=config.data.channels,
-             mask_ratio=m.mask_ratio, mask_fn=m.mask, block_min_patches=m.block_min_patches,
-             block_min_aspect=m.block_min_aspect, block_attempts=m.block_attempts,
-             align_weight=m.align_weight, layer_scale=m.layer_scale,
+             mask_spec=masking.MaskSpec.from_config(config.mask), align_weight=m.align_weight, layer_scale=m.layer_scale,
              norm_pix_loss=m.norm_pix_loss)
 
 
@@ -333,8 +282,9 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   masked patches and its projection; stop_gradient means no backward pass through it."""
   size, patch = vit.parse_variant(config.model.variant)
   m = config.method
-  n = (config.image_size // patch) ** 2
-  keep = masking.num_visible(n, m.mask_ratio)
+  side = config.image_size // patch
+  n = side * side
+  keep = masking.num_kept(config.mask, (side, side))
   masked = n - keep
   patch_dim = patch * patch * config.data.channels
 

@@ -17,15 +17,12 @@ from mim_jax.methods import mae
 from mim_jax.models import crate
 
 
+inputs = mae.inputs  # Images only.
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  if config.model.name != "crate":
-    raise ValueError(f"CRATE-MAE needs model.name 'crate', got {config.model.name!r}")
-  _, patch = crate.parse_variant(config.model.variant)
-  if config.image_size % patch:
-    raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
-                     f"{patch} of variant {config.model.variant!r}")
-  masking.num_visible((config.image_size // patch) ** 2, config.method.mask_ratio)
-  masking.get(config.method.mask)
+  masking.validate(config.mask, models.patch_grid(config, method="CRATE-MAE",
+                                                  supported=("crate",)))
   if config.method.decoder_depth < 1:
     raise ValueError(f"method.decoder_depth must be at least 1, got "
                      f"{config.method.decoder_depth}")
@@ -43,8 +40,8 @@ def build(config: ml_collections.ConfigDict) -> mae.MAE:
       encoder.patch * encoder.patch * config.data.channels, encoder.remat, encoder.dtype,
       encoder.param_dtype, encoder.attention_impl)
   return mae.MAE(encoder=encoder, decoder=decoder, image_size=config.image_size,
-                 channels=config.data.channels, mask_ratio=m.mask_ratio, mask_fn=m.mask,
-                 norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens)
+                 channels=config.data.channels,
+                 mask_spec=masking.MaskSpec.from_config(config.mask), norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens)
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
@@ -53,8 +50,9 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   position and the pixel prediction, times 3 for training."""
   size, patch = crate.parse_variant(config.model.variant)
   m = config.method
-  n = (config.image_size // patch) ** 2
-  encoded = n + 1 if m.encoder_mask_tokens else 1 + masking.num_visible(n, m.mask_ratio)
+  side = config.image_size // patch
+  n = side * side
+  encoded = n + 1 if m.encoder_mask_tokens else 1 + masking.num_kept(config.mask, (side, side))
   patch_dim = patch * patch * config.data.channels
   forward = (flops.dense(n, patch_dim, size.width)
              + flops.crate_encoder(encoded, size.width, size.depth)

@@ -48,8 +48,7 @@ class MAE(nn.Module):
   decoder: nn.Module
   image_size: int
   channels: int
-  mask_ratio: float = 0.75
-  mask_fn: str = "random"
+  mask_spec: masking.MaskSpec = masking.MaskSpec("random", 0.75)
   norm_pix_loss: bool = True
   encoder_mask_tokens: bool = False
 
@@ -63,8 +62,7 @@ class MAE(nn.Module):
     """Draws a mask (unless one is given), encodes (the visible patches, or all with mask
     tokens) and decodes every patch."""
     if mask is None:
-      mask = masking.get(self.mask_fn)(self.make_rng("mask"), images.shape[0], self.grid,
-                                       self.mask_ratio)
+      mask = masking.draw(self.make_rng("mask"), images.shape[0], self.grid, self.mask_spec)
     if self.encoder_mask_tokens:
       latent, _ = self.encoder(images, token_mask=mask.mask)
       pred, _ = self.decoder(latent)
@@ -73,13 +71,13 @@ class MAE(nn.Module):
       pred, _ = self.decoder(latent, mask.ids_restore)
     return pred, mask
 
-  def __call__(self, images: jax.Array, *, train: bool = True, mask: masking.Mask | None = None
+  def __call__(self, image: jax.Array, *, train: bool = True, mask: masking.Mask | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns (loss, metrics). `mask` replaces the drawn one (to compare with another
-    implementation on the same mask)."""
+    """Returns (loss, metrics) on a batch of images [B, H, W, C]. `mask` replaces the drawn one
+    (to compare with another implementation on the same mask)."""
     del train  # MAE has no dropout; kept for the method interface.
-    pred, mask = self.predict(images, mask)
-    target = patch_targets(images, self.encoder.patch, self.norm_pix_loss)
+    pred, mask = self.predict(image, mask)
+    target = patch_targets(image, self.encoder.patch, self.norm_pix_loss)
     loss = masked_mse(pred, target, mask.mask)
     return loss, {"loss": loss}
 
@@ -105,16 +103,15 @@ class MAE(nn.Module):
             "pasted": to_image(target * (1 - m) + pred * m)}
 
 
+def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """Images only, as every masked-image method here consumes them: [S, S, C] float32."""
+  return {"image": jax.ShapeDtypeStruct((config.image_size, config.image_size,
+                                         config.data.channels), jnp.float32)}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  if config.model.name != "vit":
-    raise ValueError(f"MAE drops masked tokens, which needs model.name 'vit', got "
-                     f"{config.model.name!r}")
-  _, patch = vit.parse_variant(config.model.variant)
-  if config.image_size % patch:
-    raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
-                     f"{patch} of variant {config.model.variant!r}")
-  masking.num_visible((config.image_size // patch) ** 2, config.method.mask_ratio)
-  masking.get(config.method.mask)
+  grid = models.patch_grid(config, method="MAE (it drops masked tokens)", supported=("vit",))
+  masking.validate(config.mask, grid)
   if config.method.decoder_width % config.method.decoder_heads:
     raise ValueError(f"decoder_width {config.method.decoder_width} is not divisible by "
                      f"decoder_heads {config.method.decoder_heads}")
@@ -129,7 +126,7 @@ def build(config: ml_collections.ConfigDict) -> MAE:
       encoder.patch * encoder.patch * config.data.channels, encoder.exact_gelu, encoder.remat,
       encoder.dtype, encoder.param_dtype, encoder.attention_impl)
   return MAE(encoder=encoder, decoder=decoder, image_size=config.image_size,
-             channels=config.data.channels, mask_ratio=m.mask_ratio, mask_fn=m.mask,
+             channels=config.data.channels, mask_spec=masking.MaskSpec.from_config(config.mask),
              norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens)
 
 
@@ -139,8 +136,9 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   every position, times 3 for training."""
   size, patch = vit.parse_variant(config.model.variant)
   m = config.method
-  n = (config.image_size // patch) ** 2
-  visible = n + 1 if m.encoder_mask_tokens else 1 + masking.num_visible(n, m.mask_ratio)
+  side = config.image_size // patch
+  n = side * side
+  visible = n + 1 if m.encoder_mask_tokens else 1 + masking.num_kept(config.mask, (side, side))
   patch_dim = patch * patch * config.data.channels
   forward = (flops.dense(n, patch_dim, size.width)
              + flops.transformer(visible, size.width, size.depth, size.mlp_dim)

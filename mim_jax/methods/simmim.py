@@ -1,9 +1,9 @@
 """SimMIM (Xie et al. 2022, "SimMIM: A Simple Framework for Masked Image Modeling"), on Swin or ViT.
 
-Random masking of large square cells (32 px, ratio 0.6, the paper's default); the encoder sees
-every patch, masked ones replaced by a learned mask token; a one-layer prediction head, a 1x1
-convolution from the final feature map to stride^2 * C values per token, pixel-shuffled back
-to the image; and an L1 loss on the raw (input-normalised) pixels of the masked area only,
+Random masking of large square cells (config.mask 'coarse': 32 px, ratio 0.6, the paper's
+default; any registered mask works); the encoder sees every patch, masked ones replaced by a
+learned mask token; a one-layer prediction head, a 1x1 convolution from the final feature map
+to stride^2 * C values per token, pixel-shuffled back to the image; and an L1 loss on the raw (input-normalised) pixels of the masked area only,
 divided by the number of masked pixels times channels, as in the paper's released code.
 """
 
@@ -17,6 +17,7 @@ import ml_collections
 from mim_jax import flops
 from mim_jax import masking
 from mim_jax import models
+from mim_jax.methods import mae
 from mim_jax.models import layers
 from mim_jax.models import swin
 from mim_jax.models import vit
@@ -55,8 +56,7 @@ class SimMIM(nn.Module):
   channels: int
   patch: int
   stride: int
-  mask_patch: int = 32
-  mask_ratio: float = 0.6
+  mask_spec: masking.MaskSpec = masking.MaskSpec("coarse", 0.6, (("cell", 8),))
   has_cls: bool = False  # ViT prepends a cls token, which the head ignores.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -73,8 +73,7 @@ class SimMIM(nn.Module):
   def predict(self, images: jax.Array) -> tuple[jax.Array, masking.Mask]:
     """Draws a mask, encodes all patches with mask tokens and predicts every pixel.
     Returns (prediction [B, H, W, C] float32, mask on the patch grid)."""
-    mask = masking.coarse_mask(self.make_rng("mask"), images.shape[0], self.grid,
-                               self.mask_ratio, cell=self.mask_patch // self.patch)
+    mask = masking.draw(self.make_rng("mask"), images.shape[0], self.grid, self.mask_spec)
     tokens, _ = self.encoder(images, token_mask=mask.mask)
     if self.has_cls:
       tokens = tokens[:, 1:]
@@ -82,12 +81,12 @@ class SimMIM(nn.Module):
     side = self.image_size // self.stride
     return layers.unpatchify(out, self.stride, (side, side), self.channels), mask
 
-  def __call__(self, images: jax.Array, *, train: bool = True
+  def __call__(self, image: jax.Array, *, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns (loss, metrics)."""
+    """Returns (loss, metrics) on a batch of images [B, H, W, C]."""
     del train  # No dropout; kept for the method interface.
-    pred, mask = self.predict(images)
-    loss = masked_l1(pred, images, pixel_mask(mask.mask, self.grid, self.patch))
+    pred, mask = self.predict(image)
+    loss = masked_l1(pred, image, pixel_mask(mask.mask, self.grid, self.patch))
     return loss, {"loss": loss}
 
   def features(self, images: jax.Array) -> dict[str, jax.Array]:
@@ -119,29 +118,26 @@ def geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
   raise ValueError(f"SimMIM needs model.name in {ENCODERS}, got {m.name!r}")
 
 
+inputs = mae.inputs  # Images only.
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   patch, _ = geometry(config)
-  size, mp = config.image_size, config.method.mask_patch
+  size = config.image_size
   if config.model.name == "swin":
     swin.check_geometry(size, patch, config.model.window,
                         len(swin.parse_variant(config.model.variant).depths))
   elif size % patch:
     raise ValueError(f"image_size {size} is not divisible by the patch size {patch} of variant "
                      f"{config.model.variant!r}")
-  valid = [p for p in range(patch, size // 2 + 1, patch) if size % p == 0]
-  if mp <= 0 or size % mp or mp % patch or mp == size:
-    raise ValueError(f"method.mask_patch {mp} must divide image_size {size}, be a multiple of "
-                     f"the model's patch size {patch} and leave more than one mask cell "
-                     f"(SimMIM's 32 px is for 192-224 px images); valid: {valid}")
-  masking.num_visible((size // mp) ** 2, config.method.mask_ratio)
+  masking.validate(config.mask, (size // patch, size // patch))
 
 
 def build(config: ml_collections.ConfigDict) -> SimMIM:
   patch, stride = geometry(config)
   return SimMIM(encoder=models.build_encoder(config), image_size=config.image_size,
                 channels=config.data.channels, patch=patch, stride=stride,
-                mask_patch=config.method.mask_patch, mask_ratio=config.method.mask_ratio,
-                has_cls=config.model.name == "vit", dtype=models.dtype(config.model.dtype),
+                mask_spec=masking.MaskSpec.from_config(config.mask), has_cls=config.model.name == "vit", dtype=models.dtype(config.model.dtype),
                 param_dtype=models.dtype(config.model.param_dtype))
 
 
@@ -149,7 +145,7 @@ def encoder_forward_flops(config: ml_collections.ConfigDict) -> int:
   """Forward FLOPs of the encoder on one image with every patch (mask tokens included)."""
   m, size, channels = config.model, config.image_size, config.data.channels
   if m.name == "swin":
-    return swin.forward_flops(size, swin.parse_variant(m.variant), m.patch, m.window, channels)
+    return flops.swin_encoder(size, swin.parse_variant(m.variant), m.patch, m.window, channels)
   vit_size, patch = vit.parse_variant(m.variant)
   n = (size // patch) ** 2
   return (flops.dense(n, patch * patch * channels, vit_size.width)

@@ -31,9 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mim_jax import models
 from mim_jax.models import layers
-from mim_jax.models import mae_decoder
 
 Dtype = Any
 LAYER_NORM_EPS = 1e-5
@@ -67,9 +65,8 @@ def parse_variant(variant: str) -> tuple[CrateSize, int]:
   return SIZES[match.group(1)], int(match.group(2))
 
 
-def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.xavier_uniform(), name=name)
+def _norm(module: nn.Module, name: str, eps: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+  return layers.layer_norm(name, module.dtype, module.param_dtype, eps=eps)
 
 
 def _dictionary(module: nn.Module, width: int) -> jax.Array:
@@ -93,11 +90,11 @@ class MSSA(nn.Module):
     b, n, d = z.shape
     if d % self.heads:
       raise ValueError(f"width {d} is not divisible by heads {self.heads}")
-    w = _dense(d, "u", self.dtype, self.param_dtype, use_bias=False)(z)
+    w = layers.dense(d, "u", self.dtype, self.param_dtype, use_bias=False)(z)
     w = w.reshape(b, n, self.heads, d // self.heads)
     # Scale 1/sqrt(head dim), softmax over keys: the released code's attention.
-    out = jax.nn.dot_product_attention(w, w, w, implementation=self.implementation)
-    return _dense(d, "proj", self.dtype, self.param_dtype)(out.reshape(b, n, d))
+    out = layers.dot_product_attention(w, w, w, implementation=self.implementation)
+    return layers.dense(d, "proj", self.dtype, self.param_dtype)(out.reshape(b, n, d))
 
 
 class ISTA(nn.Module):
@@ -125,11 +122,10 @@ class CrateLayer(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
     z = z + MSSA(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                 name="mssa")(norm("norm1")(z))
-    return ISTA(self.eta, self.lam, self.dtype, self.param_dtype, name="ista")(norm("norm2")(z))
+                 name="mssa")(_norm(self, "norm1")(z))
+    return ISTA(self.eta, self.lam, self.dtype, self.param_dtype,
+                name="ista")(_norm(self, "norm2")(z))
 
 
 class CrateDecoderLayer(nn.Module):
@@ -141,11 +137,9 @@ class CrateDecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    y = norm("norm1")(x) @ _dictionary(self, x.shape[-1]).T
+    y = _norm(self, "norm1")(x) @ _dictionary(self, x.shape[-1]).T
     return y - MSSA(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                    name="mssa")(norm("norm2")(y))
+                    name="mssa")(_norm(self, "norm2")(y))
 
 
 class Crate(nn.Module):
@@ -180,28 +174,16 @@ class Crate(nn.Module):
                token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     if self.posemb not in ("sincos", "none"):
       raise ValueError(f"unknown posemb {self.posemb!r}; valid: 'sincos', 'none'")
-    b, h, w, _ = images.shape
-    grid = (h // self.patch, w // self.patch)
-    x = self._embed(images)
-    if token_mask is not None:
-      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
-                              self.param_dtype)
-      m = token_mask[..., None].astype(self.dtype)
-      x = x * (1 - m) + mask_token.astype(self.dtype) * m
-    if self.posemb == "sincos":
-      x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
-    if ids_keep is not None:
-      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+    _, h, w, _ = images.shape
+    x = layers.embed_tokens(self, self._embed(images), (h // self.patch, w // self.patch),
+                            self.posemb, ids_keep, token_mask)
     layer_cls = nn.remat(CrateLayer) if self.remat else CrateLayer
     aux = {}
     for i in range(self.depth):
       x = layer_cls(self.heads, self.ista_eta, self.ista_lambda, self.dtype, self.param_dtype,
                     self.attention_impl, name=f"block_{i}")(x)
       aux[f"block_{i}"] = x
-    x = nn.LayerNorm(epsilon=FINAL_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(x)
+    x = _norm(self, "norm", FINAL_NORM_EPS)(x)
     aux["cls"] = x[:, 0]
     aux["gap"] = x[:, 1:].mean(axis=1)
     return x, aux
@@ -210,11 +192,10 @@ class Crate(nn.Module):
     if not self.patch_norm:
       return layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
                                name="patch_embed")(images)
-    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
     x = layers.patchify(images.astype(self.dtype), self.patch)
-    x = _dense(self.width, "patch_embed", self.dtype, self.param_dtype)(norm("patch_norm_in")(x))
-    return norm("patch_norm_out")(x)
+    x = layers.dense(self.width, "patch_embed", self.dtype,
+                     self.param_dtype)(_norm(self, "patch_norm_in")(x))
+    return _norm(self, "patch_norm_out")(x)
 
 
 class CrateDecoder(nn.Module):
@@ -242,9 +223,7 @@ class CrateDecoder(nn.Module):
     x = latent
     width = x.shape[-1]
     if ids_restore is not None:
-      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, width),
-                              self.param_dtype)
-      x = mae_decoder.insert_mask_tokens(x, mask_token.astype(self.dtype), ids_restore)
+      x = layers.insert_mask_tokens(x, layers.mask_token(self, width), ids_restore)
       x = x + jnp.asarray(layers.sincos_posemb_2d(self.grid, width, with_cls=True),
                           self.dtype)[None]
     layer_cls = nn.remat(CrateDecoderLayer) if self.remat else CrateDecoderLayer
@@ -253,9 +232,8 @@ class CrateDecoder(nn.Module):
       x = layer_cls(self.heads, self.dtype, self.param_dtype, self.attention_impl,
                     name=f"block_{i}")(x)
       aux[f"block_{i}"] = x
-    x = nn.LayerNorm(epsilon=FINAL_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(x)
-    pred = _dense(self.out_dim, "pred", self.dtype, self.param_dtype)(x)
+    x = _norm(self, "norm", FINAL_NORM_EPS)(x)
+    pred = layers.dense(self.out_dim, "pred", self.dtype, self.param_dtype)(x)
     return pred[:, 1:], aux
 
 
@@ -264,5 +242,5 @@ def build(config: ml_collections.ConfigDict) -> Crate:
   size, patch = parse_variant(m.variant)
   return Crate(size.width, size.depth, size.heads, patch, ista_eta=m.ista_eta,
                ista_lambda=m.ista_lambda, patch_norm=m.patch_norm, remat=m.remat,
-               dtype=models.dtype(m.dtype), param_dtype=models.dtype(m.param_dtype),
-               attention_impl=models.attention_impl(m.attention_impl))
+               dtype=layers.dtype(m.dtype), param_dtype=layers.dtype(m.param_dtype),
+               attention_impl=layers.attention_impl(m.attention_impl))

@@ -1,5 +1,10 @@
-"""Building blocks shared by the image transformers: patch embedding, fixed 2D sin-cos position
-embeddings, pre-norm transformer blocks and the patchify helpers used by losses and decoders."""
+"""Building blocks shared by the image transformers: the one attention function every model
+calls, the dense/norm factories, patch embedding, fixed 2D sin-cos position embeddings, the
+token embedding of ViT-like encoders (mask, position and cls tokens), pre-norm transformer
+blocks and the patchify helpers used by losses and decoders.
+
+It imports only jax, flax, numpy and the bottom-floor registry: every model file builds on it.
+"""
 
 from typing import Any
 
@@ -8,7 +13,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax.registry import Registry
+
 Dtype = Any
+
+# Config names of the compute/parameter dtypes and of the attention implementations
+# (`dot_product_attention`'s `implementation`; 'auto' lets it choose, i.e. the einsums).
+DTYPES = Registry("dtype", {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                            "float16": jnp.float16})
+ATTENTION_IMPLS = Registry("attention_impl", {"auto": None, "xla": "xla", "cudnn": "cudnn"})
+POSEMBS = ("sincos", "learned", "none")
+
+
+def dtype(name: str) -> Dtype:
+  """Config value ('float32', 'bfloat16', 'float16') -> jnp dtype."""
+  return DTYPES[name]
+
+
+def attention_impl(name: str) -> str | None:
+  """Config value -> `dot_product_attention` implementation (None for 'auto')."""
+  return ATTENTION_IMPLS[name]
+
+
+def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, *, use_bias: bool = True,
+          kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+          ) -> nn.Dense:
+  """nn.Dense with a xavier-uniform kernel (MAE's and CRATE's init of every Linear) and a zero
+  bias, unless `kernel_init` says otherwise (Swin's truncated normal)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=kernel_init, name=name)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, *, eps: float = 1e-6,
+               use_bias: bool = True) -> nn.LayerNorm:
+  """LayerNorm, eps 1e-6 as in ViT and MAE (PyTorch's default 1e-5 where a reference keeps it).
+  Flax computes its statistics in float32 even when `dtype` is bf16."""
+  return nn.LayerNorm(epsilon=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      name=name)
 
 
 def sincos_posemb_2d(grid: tuple[int, int], dim: int, *, with_cls: bool = False) -> np.ndarray:
@@ -76,18 +117,86 @@ class PatchEmbed(nn.Module):
     return x @ w + bias.astype(self.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(head_dim)) v for [B, N, H, head_dim] inputs; logits and softmax in
-  float32.
+def embed_tokens(module: nn.Module, x: jax.Array, grid: tuple[int, int], posemb: str,
+                 ids_keep: jax.Array | None = None, token_mask: jax.Array | None = None
+                 ) -> jax.Array:
+  """Patch embeddings [B, N, D] -> the tokens a ViT-like encoder (ViT, CRATE) runs on,
+  [B, 1+N, D], or [B, 1+k, D] with ids_keep:
+    token_mask [B, N] (1 = masked): masked patches are replaced by a learned 'mask_token';
+    `posemb` (POSEMBS) is added to the patches: 'sincos' the fixed table, 'learned' a parameter
+      'pos_embedding' initialised to it, 'none' nothing;
+    ids_keep [B, k]: only these patches are kept, gathered after the position embedding, so each
+      keeps its own;
+    a learned 'cls' token is prepended, with no position embedding (MAE gives it a zero one).
+  The parameters are created on `module` (the encoder), in this order, so they sit at its top
+  level and initialise as they always have."""
+  b, _, width = x.shape
+  if token_mask is not None:
+    m = token_mask[..., None].astype(module.dtype)
+    x = x * (1 - m) + mask_token(module, width) * m
+  if posemb == "sincos":
+    x = x + jnp.asarray(sincos_posemb_2d(grid, width), module.dtype)[None]
+  elif posemb == "learned":
+    sincos = lambda _, shape, dtype: jnp.asarray(sincos_posemb_2d(grid, width)[None], dtype)
+    pos = module.param("pos_embedding", sincos, (1, grid[0] * grid[1], width),
+                       module.param_dtype)
+    x = x + pos.astype(module.dtype)
+  elif posemb != "none":
+    raise ValueError(f"unknown posemb {posemb!r}; valid: {POSEMBS}")
+  if ids_keep is not None:
+    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+  cls = module.param("cls", nn.initializers.normal(0.02), (1, 1, width), module.param_dtype)
+  return jnp.concatenate([jnp.broadcast_to(cls.astype(module.dtype), (b, 1, width)), x], 1)
 
-  The math of `jax.nn.dot_product_attention(implementation='xla')`, written so that XLA's CPU
-  backend runs it faster: the scale multiplies q, where it fuses into the copy that lays q out
-  for the batched matmul, instead of the [B, H, N, N] logits.
+
+def mask_token(module: nn.Module, width: int) -> jax.Array:
+  """`module`'s learned 'mask_token' [1, 1, width], normal(0.02) as in MAE, in its compute dtype."""
+  token = module.param("mask_token", nn.initializers.normal(0.02), (1, 1, width),
+                       module.param_dtype)
+  return token.astype(module.dtype)
+
+
+def insert_mask_tokens(x: jax.Array, token: jax.Array, ids_restore: jax.Array) -> jax.Array:
+  """[B, 1+k, D] (cls, then the visible tokens in shuffled order) -> [B, 1+N, D] in patch order,
+  with `token` [1, 1, D] at every masked position (MAE's decoder input)."""
+  b, n = ids_restore.shape
+  visible = x[:, 1:]
+  fill = jnp.broadcast_to(token, (b, n - visible.shape[1], x.shape[-1]))
+  # Visible tokens first, then mask tokens: this is the shuffled order, so one gather with
+  # ids_restore puts every token back at its patch position.
+  x_full = jnp.take_along_axis(jnp.concatenate([visible, fill], 1), ids_restore[..., None], 1)
+  return jnp.concatenate([x[:, :1], x_full], 1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None,
+                          implementation: str | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim) + bias) v over the keys `mask` allows: the attention of
+  every model here. q [B, Nq, H, hd], k and v [B, Nk, H, hd]; returns [B, Nq, H, hd].
+
+  bias: additive logits, broadcastable to [B, H, Nq, Nk] (Swin's relative position bias).
+  mask: bool, True where a query may attend to a key, broadcastable to [B, H, Nq, Nk] (key
+    padding, Swin's shifted windows). A masked logit becomes the most negative float32, so its
+    weight is exactly 0 (a query allowed no key at all would weigh every key equally).
+  Logits and softmax are float32 whatever the input dtype. The einsums also take more leading
+  batch dims ([B, windows, N, H, hd] and bias/mask broadcastable to [B, windows, H, Nq, Nk]).
+
+  implementation: None or 'xla' run the einsums below, the math of
+  `jax.nn.dot_product_attention(implementation='xla')` written so that XLA's CPU backend runs it
+  faster: the scale multiplies q, where it fuses into the copy that lays q out for the batched
+  matmul, instead of the [B, H, Nq, Nk] logits. 'cudnn' hands the same arguments to that
+  function's fused flash kernel (GPU, bf16/fp16, 4-D inputs).
   """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return jnp.einsum("...hqk,...khd->...qhd", probs, v)
 
 
 def gelu(x: jax.Array, exact: bool = True) -> jax.Array:
@@ -99,11 +208,43 @@ def gelu(x: jax.Array, exact: bool = True) -> jax.Array:
   return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection.
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x @ kernel + bias with nn.Dense's dot_general, so it gives nn.Dense's bits."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
 
-  `implementation`: 'cudnn' asks `jax.nn.dot_product_attention` for the fused flash kernel on
-  GPU (bf16/fp16); None or 'xla' run `dot_product_attention` above, plain einsums.
+
+class QKV(nn.Module):
+  """The q, k, v projections, stored as one nn.Dense(3d) ('kernel' [d, 3d], xavier-uniform;
+  'bias' [3d], zeros): the layout of the released ViT/MAE weights. Returns q [B, N, d] from every
+  token of x [B, N, d], and k, v from every token, or with kv_ids [B, k] from those tokens only
+  (kernel columns d:), so a restricted context costs k/N of the k/v projection."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    d = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (d, 3 * d), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (3 * d,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if kv_ids is None:  # one fused matmul
+      q, k, v = jnp.split(_linear(x, kernel, bias), 3, axis=-1)
+      return q, k, v
+    context = jnp.take_along_axis(x, kv_ids[..., None], axis=1)
+    k, v = jnp.split(_linear(context, kernel[:, d:], bias[d:]), 2, axis=-1)
+    return _linear(x, kernel[:, :d], bias[:d]), k, v
+
+
+class Attention(nn.Module):
+  """Multi-head attention; every token is a query. Parameters 'qkv' (QKV) and 'proj'.
+
+  Optional restrictions, all combinable:
+    kv_ids [B, k]: keys and values come from these tokens only (MP3's context); the attention
+      then costs N x k, not N x N;
+    kv_mask [B, Nk] bool (Nk = k with kv_ids): False marks a padded key, which no query sees;
+    mask [B or 1, H or 1, N, Nk] bool: a general mask, True where a query may attend to a key.
+  `implementation`: see `dot_product_attention`.
   """
   heads: int
   dtype: Dtype = jnp.float32
@@ -111,20 +252,19 @@ class Attention(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, kv_ids: jax.Array | None = None,
+               kv_mask: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     b, n, d = x.shape
     if d % self.heads:
       raise ValueError(f"width {d} is not divisible by heads {self.heads}")
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
-    qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.implementation == "cudnn":
-      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    else:
-      out = dot_product_attention(q, k, v)
-    return dense(d, "proj")(out.reshape(b, n, d))
+    q, k, v = QKV(self.dtype, self.param_dtype, name="qkv")(x, kv_ids)
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads)
+    if kv_mask is not None:
+      kv_mask = kv_mask[:, None, None, :]
+      mask = kv_mask if mask is None else mask & kv_mask
+    out = dot_product_attention(split(q), split(k), split(v), mask=mask,
+                                implementation=self.implementation)
+    return dense(d, "proj", self.dtype, self.param_dtype)(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -136,12 +276,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
-    d = x.shape[-1]
-    x = gelu(dense(self.hidden, "fc1")(x), self.exact_gelu)
-    return dense(d, "fc2")(x)
+    y = dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x)
+    return dense(x.shape[-1], "fc2", self.dtype, self.param_dtype)(gelu(y, self.exact_gelu))
 
 
 def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -154,13 +290,23 @@ def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
+def layer_scale(module: nn.Module, name: str, init: float, x: jax.Array) -> jax.Array:
+  """CaiT's LayerScale: x [..., D] times `module`'s learned per-channel parameter `name` [D],
+  initialised to `init`; x itself (and no parameter) when init is 0."""
+  if init <= 0:
+    return x
+  return module.param(name, nn.initializers.constant(init), (x.shape[-1],),
+                      module.param_dtype) * x
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-  LayerNorm eps is 1e-6 as in ViT and MAE. Norm statistics are computed in float32 even when
-  the block computes in bf16. `drop_path` > 0 drops each residual branch per sample (stochastic
+  Norms as `layer_norm`. `drop_path` > 0 drops each residual branch per sample (stochastic
   depth, as in DeiT and MAE fine-tuning), drawing from the 'dropout' rng; 0 (the default, and
-  what evaluation uses) is the plain block. It adds no parameters.
+  what evaluation uses) is the plain block. It adds no parameters. `layer_scale` > 0 scales each
+  branch by a learned per-channel 'gamma_1' / 'gamma_2' with that init (CaiT; CAE's decoder).
+  kv_ids, kv_mask and mask restrict the attention (see `Attention`).
   """
   heads: int
   mlp_dim: int
@@ -169,22 +315,28 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   drop_path: float = 0.0
+  layer_scale: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    branch = lambda y: (stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
-                        if self.drop_path > 0 else y)
-    x = x + branch(Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                             name="attn")(norm("norm1")(x)))
-    x = x + branch(Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
-                       name="mlp")(norm("norm2")(x)))
-    return x
+  def __call__(self, x: jax.Array, kv_ids: jax.Array | None = None,
+               kv_mask: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
+
+    def branch(name: str, y: jax.Array) -> jax.Array:
+      y = layer_scale(self, name, self.layer_scale, y)
+      if self.drop_path > 0:
+        y = stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+      return y
+
+    attn = Attention(self.heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")
+    x = x + branch("gamma_1", attn(norm("norm1")(x), kv_ids, kv_mask, mask))
+    mlp = Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype, name="mlp")
+    return x + branch("gamma_2", mlp(norm("norm2")(x)))
 
 
 class Stack(nn.Module):
-  """`depth` transformer blocks named block_0 .. block_{depth-1}, optionally rematerialised.
+  """`depth` transformer blocks named block_0 .. block_{depth-1}, optionally rematerialised,
+  every one with the same attention restriction (kv_ids, kv_mask, mask; see `Attention`).
 
   Returns the output and a dict of every block's output, so evaluators can read any layer.
   Unused intermediates cost nothing under jit: XLA removes them.
@@ -203,12 +355,14 @@ class Stack(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, kv_ids: jax.Array | None = None,
+               kv_mask: jax.Array | None = None, mask: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     block_cls = nn.remat(Block) if self.remat else Block
     aux = {}
     for i in range(self.depth):
       rate = self.drop_path * i / max(1, self.depth - 1)
       x = block_cls(self.heads, self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
-                    self.attention_impl, rate, name=f"block_{i}")(x)
+                    self.attention_impl, rate, name=f"block_{i}")(x, kv_ids, kv_mask, mask)
       aux[f"block_{i}"] = x
     return x, aux

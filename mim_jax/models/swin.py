@@ -26,8 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax import flops
-from mim_jax import models
 from mim_jax.models import layers
 
 Dtype = Any
@@ -147,21 +145,21 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> np.
 # Layers.
 # ---------------------------------------------------------------------------------------------
 
-def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=_INIT, name=name)
+def _dense(module: nn.Module, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+  return layers.dense(features, name, module.dtype, module.param_dtype, use_bias=use_bias,
+                      kernel_init=_INIT)
 
 
-def _norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+def _norm(module: nn.Module, name: str) -> nn.LayerNorm:
+  return layers.layer_norm(name, module.dtype, module.param_dtype, eps=_LN_EPS)
 
 
 class WindowAttention(nn.Module):
   """(Shifted-)window multi-head self-attention with a relative position bias, on [B, H, W, C].
 
-  Masked pairs get the most negative float before the softmax, so their weight is exactly 0
-  (Swin's code adds -100, whose weight e^-100 is below float32's normal range: the same thing).
-  Logits and softmax are in float32 whatever the compute dtype.
+  Runs `layers.dot_product_attention` on every window, the bias added to the logits and the
+  shift mask applied there: a masked pair's weight is exactly 0 (Swin's code adds -100, whose
+  weight e^-100 is below float32's normal range: the same thing).
   """
   heads: int
   window: int
@@ -177,26 +175,21 @@ class WindowAttention(nn.Module):
       raise ValueError(f"Swin width {c} is not divisible by heads {self.heads}")
     if h % m or w % m:
       raise ValueError(f"window {m} does not tile the {h}x{w} feature map")
-    head_dim = c // self.heads
     if s:
       x = jnp.roll(x, (-s, -s), axis=(1, 2))
     windows = window_partition(x, m)                                    # [B, nW, T, C]
     nw, t = windows.shape[1], windows.shape[2]
-    qkv = _dense(3 * c, self.dtype, self.param_dtype, "qkv")(windows)
-    qkv = qkv.reshape(b, nw, t, 3, self.heads, head_dim)
+    qkv = _dense(self, 3 * c, "qkv")(windows)
+    qkv = qkv.reshape(b, nw, t, 3, self.heads, c // self.heads)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, nW, T, heads, hd]
 
     table = self.param("relative_position_bias_table", _INIT, ((2 * m - 1) ** 2, self.heads),
                        self.param_dtype)
     bias = table[relative_position_index(m)].transpose(2, 0, 1)        # [heads, T, T]
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * head_dim ** -0.5, k)
-    logits = logits.astype(jnp.float32) + bias.astype(jnp.float32)
-    if s:
-      allowed = shifted_window_mask(h, w, m, s)                         # [nW, T, T]
-      logits = jnp.where(allowed[None, :, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, nw, t, c)
-    out = _dense(c, self.dtype, self.param_dtype, "proj")(out)
+    # [nW, T, T] -> broadcastable to the logits [B, nW, heads, T, T].
+    mask = shifted_window_mask(h, w, m, s)[None, :, None] if s else None
+    out = layers.dot_product_attention(q, k, v, bias=bias, mask=mask).reshape(b, nw, t, c)
+    out = _dense(self, c, "proj")(out)
     out = window_merge(out, h, w)
     if s:
       out = jnp.roll(out, (s, s), axis=(1, 2))
@@ -216,11 +209,10 @@ class SwinBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     x = x + WindowAttention(self.heads, self.window, self.shift, self.dtype, self.param_dtype,
-                            name="attn")(_norm(self.dtype, self.param_dtype, "norm1")(x))
-    y = _norm(self.dtype, self.param_dtype, "norm2")(x)
-    y = _dense(MLP_RATIO * c, self.dtype, self.param_dtype, "fc1")(y)
+                            name="attn")(_norm(self, "norm1")(x))
+    y = _dense(self, MLP_RATIO * c, "fc1")(_norm(self, "norm2")(x))
     y = nn.gelu(y, approximate=not self.exact_gelu)
-    return x + _dense(c, self.dtype, self.param_dtype, "fc2")(y)
+    return x + _dense(self, c, "fc2")(y)
 
 
 class PatchMerging(nn.Module):
@@ -235,8 +227,8 @@ class PatchMerging(nn.Module):
     b, h, w, c = x.shape
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)  # [.., dx, dy, C]
     x = x.reshape(b, h // 2, w // 2, 4 * c)
-    x = _norm(self.dtype, self.param_dtype, "norm")(x)
-    return _dense(2 * c, self.dtype, self.param_dtype, "reduction", use_bias=False)(x)
+    x = _norm(self, "norm")(x)
+    return _dense(self, 2 * c, "reduction", use_bias=False)(x)
 
 
 class Swin(nn.Module):
@@ -268,7 +260,7 @@ class Swin(nn.Module):
     check_geometry(height, self.patch, self.window, len(self.depths))
     x = layers.PatchEmbed(self.patch, self.embed_dim, self.dtype, self.param_dtype,
                           name="patch_embed")(images)
-    x = _norm(self.dtype, self.param_dtype, "patch_norm")(x)  # Swin's patch_norm=True
+    x = _norm(self, "patch_norm")(x)  # Swin's patch_norm=True
     if token_mask is not None:
       mask_token = self.param("mask_token", _INIT, (1, 1, self.embed_dim), self.param_dtype)
       m = token_mask[..., None].astype(self.dtype)
@@ -286,13 +278,13 @@ class Swin(nn.Module):
         x = block_cls(heads, window, shift if j % 2 else 0, self.exact_gelu, self.dtype,
                       self.param_dtype, name=f"stage_{i}_block_{j}")(x)
       aux[f"stage_{i}"] = x.reshape(b, res * res, -1)
-    x = _norm(self.dtype, self.param_dtype, "norm")(x.reshape(b, res * res, -1))
+    x = _norm(self, "norm")(x.reshape(b, res * res, -1))
     aux["gap"] = x.mean(axis=1)
     return x, aux
 
 
 # ---------------------------------------------------------------------------------------------
-# Config and FLOPs.
+# Config.
 # ---------------------------------------------------------------------------------------------
 
 def total_stride(patch: int, num_stages: int) -> int:
@@ -300,33 +292,10 @@ def total_stride(patch: int, num_stages: int) -> int:
   return patch * 2 ** (num_stages - 1)
 
 
-def forward_flops(image_size: int, size: SwinSize, patch: int, window: int,
-                  channels: int) -> int:
-  """Analytic forward FLOPs of one image: matmuls only (norms, softmax, GELU left out).
-
-  Per stage at r x r tokens of width d with (effective) window M: per block qkv (3d^2), proj
-  (d^2) and MLP (2 * 4 d^2) per token, and windowed attention: each of the r^2/M^2 windows
-  computes q k^T and weights @ v over its M^2 tokens, 2 * 2 * (M^2)^2 * d per window, i.e.
-  4 r^2 M^2 d per block, linear in the number of tokens. Patch merging is a 4d -> 2d matmul on
-  the r^2/4 merged tokens."""
-  total = flops.dense((image_size // patch) ** 2, patch * patch * channels, size.embed_dim)
-  for i, (res, depth) in enumerate(zip(stage_resolutions(image_size, patch, len(size.depths)),
-                                       size.depths)):
-    d = size.embed_dim * 2 ** i
-    if i:
-      total += flops.dense(res * res, 2 * d, d)  # merging: (res*2)^2/4 tokens, 4(d/2) -> d
-    win, _ = stage_window(res, window)
-    n = res * res
-    per_block = (flops.dense(n, d, 3 * d) + flops.dense(n, d, d)
-                 + 2 * flops.dense(n, d, MLP_RATIO * d) + 2 * 2 * n * win * win * d)
-    total += depth * per_block
-  return total
-
-
 def build(config: ml_collections.ConfigDict) -> Swin:
   m = config.model
   size = parse_variant(m.variant)
   check_geometry(config.image_size, m.patch, m.window, len(size.depths))
   return Swin(size.embed_dim, size.depths, size.heads, patch=m.patch, window=m.window,
-              exact_gelu=m.exact_gelu, remat=m.remat, dtype=models.dtype(m.dtype),
-              param_dtype=models.dtype(m.param_dtype))
+              exact_gelu=m.exact_gelu, remat=m.remat, dtype=layers.dtype(m.dtype),
+              param_dtype=layers.dtype(m.param_dtype))

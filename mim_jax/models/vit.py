@@ -1,6 +1,7 @@
 """Vision Transformer encoder (Dosovitskiy et al. 2021) with fixed 2D sin-cos position embeddings
 and a cls token, as used by MAE. It can encode only a subset of patches (`ids_keep`), which is
-where MAE's speed comes from: the encoder never sees mask tokens."""
+where MAE's speed comes from: the encoder never sees mask tokens. It can also restrict every
+layer's keys and values to a subset of patches (`context_ids`, MP3's context)."""
 
 import dataclasses
 import re
@@ -11,11 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mim_jax import models
 from mim_jax.models import layers
-
-
-POSEMBS = ("sincos", "learned", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +50,9 @@ class ViT(nn.Module):
     ids_keep [B, k]: encode only these patches (MAE); the others are dropped.
     token_mask [B, N] (1 = masked): every patch is encoded, masked ones replaced by a learned
       mask token before the position embedding is added (SimMIM, CRATE-MAE).
+  context_ids [B, k] (patch indices, into the kept patches when ids_keep is given): every
+    token is a query, but every layer's keys and values come from these patches and the cls
+    token only (MP3); the k/v projections then run on those 1+k tokens.
   Position embeddings (`posemb`), added to the patches only (MAE gives cls none):
     'sincos': fixed 2D sin-cos (MAE's pretraining), not a parameter;
     'learned': a parameter 'pos_embedding' [1, N, D] initialised to the sin-cos table (MAE's
@@ -63,7 +63,7 @@ class ViT(nn.Module):
   aux holds every block's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of
   the normed patch tokens), the two features linear probes and fine-tuning read.
 
-  Fine-tuning options (models/classifier.py sets them; the defaults are pretraining's encoder):
+  Fine-tuning options (methods/finetune.py sets them; the defaults are pretraining's encoder):
     drop_path: stochastic-depth rate of the last block (layers.Stack), applied only when called
       with train=True; it draws from the 'dropout' rng and adds no parameters.
     final_norm=False leaves out the final LayerNorm (and its parameters): MAE's fine-tuning with
@@ -86,38 +86,22 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
-               token_mask: jax.Array | None = None, *, train: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if self.posemb not in POSEMBS:
-      raise ValueError(f"unknown posemb {self.posemb!r}; valid: {POSEMBS}")
+               token_mask: jax.Array | None = None, *, context_ids: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, h, w, _ = images.shape
-    grid = (h // self.patch, w // self.patch)
     x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
                           name="patch_embed")(images)
-    if token_mask is not None:
-      mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
-                              self.param_dtype)
-      m = token_mask[..., None].astype(self.dtype)
-      x = x * (1 - m) + mask_token.astype(self.dtype) * m
-    if self.posemb == "sincos":
-      x = x + jnp.asarray(layers.sincos_posemb_2d(grid, self.width), self.dtype)[None]
-    elif self.posemb == "learned":
-      sincos = lambda _, shape, dtype: jnp.asarray(
-          layers.sincos_posemb_2d(grid, self.width)[None], dtype)
-      pos = self.param("pos_embedding", sincos, (1, grid[0] * grid[1], self.width),
-                       self.param_dtype)
-      x = x + pos.astype(self.dtype)
-    if ids_keep is not None:
-      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    # MAE gives the cls token a zero position embedding, so it is just the learned token.
-    cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+    x = layers.embed_tokens(self, x, (h // self.patch, w // self.patch), self.posemb, ids_keep,
+                            token_mask)
+    kv_ids = None
+    if context_ids is not None:  # Token 0 is cls, always in the context; patch i is token i+1.
+      kv_ids = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), context_ids.astype(jnp.int32) + 1],
+                               axis=1)
     x, aux = layers.Stack(self.depth, self.heads, self.mlp_dim, self.exact_gelu, self.remat,
                           self.dtype, self.param_dtype, self.attention_impl,
-                          self.drop_path if train else 0.0, name="blocks")(x)
+                          self.drop_path if train else 0.0, name="blocks")(x, kv_ids)
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="norm")(x)
+      x = layers.layer_norm("norm", self.dtype, self.param_dtype)(x)
     aux["cls"] = x[:, 0]
     aux["gap"] = x[:, 1:].mean(axis=1)
     return x, aux
@@ -127,6 +111,6 @@ def build(config: ml_collections.ConfigDict) -> ViT:
   m = config.model
   size, patch = parse_variant(m.variant)
   return ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
-             exact_gelu=m.exact_gelu, remat=m.remat, dtype=models.dtype(m.dtype),
-             param_dtype=models.dtype(m.param_dtype),
-             attention_impl=models.attention_impl(m.attention_impl), posemb=m.posemb)
+             exact_gelu=m.exact_gelu, remat=m.remat, dtype=layers.dtype(m.dtype),
+             param_dtype=layers.dtype(m.param_dtype),
+             attention_impl=layers.attention_impl(m.attention_impl), posemb=m.posemb)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from mim_jax import models
 from mim_jax import pretrained
+from mim_jax import tree_paths
 from mim_jax.models import layers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of the model, e.g. "
@@ -49,7 +50,7 @@ def export(source: str, config, out: str, what: str = "encoder") -> dict:
   extra = {}
   if posemb == "sincos":
     extra["__posemb__"] = layers.sincos_posemb_2d((side, side), encoder.width, with_cls=True)
-  pretrained.save_npz(out, pretrained.flatten(tree), meta, extra)
+  pretrained.save_npz(out, tree_paths.flatten(tree), meta, extra)
   return meta
 
 

@@ -20,10 +20,8 @@ from absl import logging
 
 from mim_jax import checkpoint
 from mim_jax import methods
-from mim_jax import optim
 from mim_jax import pretrained
 from mim_jax import sharding
-from mim_jax import train
 from mim_jax.evaluators import suite
 
 
@@ -46,10 +44,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info("evaluating the params of %s", source)
 
   def random_init():
-    # The initialisation a pretraining run with this config starts from (train.py's rngs).
+    # The initialisation a training run with this config starts from (train.py's rngs).
     init_rng, _ = jax.random.split(jax.random.key(config.seed))
-    init_fn = train.make_init_fn(model, optim.build(config), config)
-    return jax.jit(lambda rng: init_fn(rng).params, out_shardings=replicated)(init_rng)
+    return jax.jit(lambda rng: methods.init_params(model, config, rng),
+                   out_shardings=replicated)(init_rng)
 
   evaluators = suite.Suite(config, model, mesh)
   if not evaluators.names:

@@ -60,8 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   regressor = args.get("regressor", "2" if runlocal else "4")
   if not regressor.isdigit():
     raise ValueError(f"regressor must be a number of blocks, e.g. 4, got {regressor!r}")
-  image_size = int(args.get("image_size", 16 if runlocal else 224))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 2048))
+  image_size = common.int_arg(args, "image_size", 16 if runlocal else 224)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 2048)
 
   c = ml_collections.ConfigDict()
   c.seed = 0

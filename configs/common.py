@@ -26,6 +26,18 @@ def parse_arg(arg: str | None, known: set[str]) -> dict[str, str]:
   return out
 
 
+def int_arg(args: dict[str, str], name: str, default: int) -> int:
+  """The integer argument `name` of a parsed ':arg' (or `default` when absent). Raises
+  ValueError naming the argument and what it takes."""
+  if name not in args:
+    return default
+  try:
+    return int(args[name])
+  except ValueError:
+    raise ValueError(f"config argument {name}={args[name]!r} must be an integer, e.g. "
+                     f"{name}={default}") from None
+
+
 def parse_decoder(spec: str) -> tuple[int, int]:
   """'8x512' -> (8, 512)."""
   depth, _, width = spec.partition("x")
@@ -35,8 +47,9 @@ def parse_decoder(spec: str) -> tuple[int, int]:
 
 
 def steps_per_epoch(data: str, batch_size: int) -> int:
-  """Steps in one pass over the training set (ImageNet-1k's size for sources of unknown size)."""
-  return max(1, TRAIN_EXAMPLES.get(data, 1_281_167) // batch_size)
+  """Steps in one pass over the training set (ImageNet-1k's size for sources of unknown size).
+  A batch size below 1 gives 1 step: config validation then reports the batch size itself."""
+  return max(1, TRAIN_EXAMPLES.get(data, 1_281_167) // max(batch_size, 1))
 
 
 def data_config(name: str) -> ml_collections.ConfigDict:

@@ -61,10 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
   variant = args.get("variant", "micro/4" if runlocal else "base/16")
   # Digits are 8x8: at 16 px a 4-px patch holds 2x2 digit pixels and a CPU step stays cheap.
-  image_size = int(args.get("image_size", 16 if runlocal else 224))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 4096))
+  image_size = common.int_arg(args, "image_size", 16 if runlocal else 224)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 4096)
   size, _ = crate.parse_variant(variant)
-  decoder_depth = int(args.get("decoder_depth", size.depth))
+  decoder_depth = common.int_arg(args, "decoder_depth", size.depth)
 
   c = ml_collections.ConfigDict()
   c.seed = 0

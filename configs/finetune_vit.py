@@ -51,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, ARGS)
   runlocal = "runlocal" in args
   data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
-  image_size = int(args.get("image_size", 16 if runlocal else 224))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 1024))
+  image_size = common.int_arg(args, "image_size", 16 if runlocal else 224)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 1024)
 
   c = ml_collections.ConfigDict()
   c.seed = 0

@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
   decoder_depth, decoder_width = parse_decoder(args.get("decoder", "2x128" if runlocal else "8x512"))
   # Digits are 8x8: 16 px keeps every pixel at a cost a laptop CPU runs in about a minute.
-  image_size = int(args.get("image_size", 16 if runlocal else 224))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 4096))
+  image_size = common.int_arg(args, "image_size", 16 if runlocal else 224)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 4096)
 
   c = ml_collections.ConfigDict()
   c.seed = 0

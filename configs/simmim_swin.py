@@ -73,9 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, ARGS)
   runlocal = "runlocal" in args
   data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
-  image_size = int(args.get("image_size", 32 if runlocal else 192))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 2048))
-  epochs = int(args.get("epochs", 40 if runlocal else 100))
+  image_size = common.int_arg(args, "image_size", 32 if runlocal else 192)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 2048)
+  epochs = common.int_arg(args, "epochs", 40 if runlocal else 100)
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -92,14 +92,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "swin"
   c.model.variant = args.get("variant", "Mu" if runlocal else "B")
   c.model.patch = 4              # Swin's patch size (Liu et al. 2021, sec. 3.1).
-  c.model.window = int(args.get("window", 4 if runlocal else 6))  # 6 at 192 px, 7 at 224 px.
+  c.model.window = common.int_arg(args, "window", 4 if runlocal else 6)  # 6 at 192 px, 7 at 224 px.
   c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
   c.model.remat = False          # Rematerialise blocks to save accelerator memory.
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
 
   c.method = ml_collections.ConfigDict({"name": "simmim"})
-  c.mask = simmim_mask(int(args.get("mask_patch", 8 if runlocal else 32)), c.model.patch)
+  c.mask = simmim_mask(common.int_arg(args, "mask_patch", 8 if runlocal else 32), c.model.patch)
 
   # 10 warmup epochs, lr 2e-4 per 512 images (8e-4 at 2048), cosine to 1e-5.
   warmup_epochs = 4 if runlocal else 10

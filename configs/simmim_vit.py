@@ -58,9 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, ARGS)
   runlocal = "runlocal" in args
   data = args.get("data", "digits" if runlocal else "tfds:imagenet2012")
-  image_size = int(args.get("image_size", 32 if runlocal else 224))
-  batch_size = int(args.get("batch_size", 128 if runlocal else 2048))
-  epochs = int(args.get("epochs", 40 if runlocal else 800))
+  image_size = common.int_arg(args, "image_size", 32 if runlocal else 224)
+  batch_size = common.int_arg(args, "batch_size", 128 if runlocal else 2048)
+  epochs = common.int_arg(args, "epochs", 40 if runlocal else 800)
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from = ""               # Start from these params instead of random init: a workdir, an
                                  # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
   c.method = ml_collections.ConfigDict({"name": "simmim"})
-  c.mask = simmim_swin.simmim_mask(int(args.get("mask_patch", 8 if runlocal else 32)),
+  c.mask = simmim_swin.simmim_mask(common.int_arg(args, "mask_patch", 8 if runlocal else 32),
                                    vit.parse_variant(c.model.variant)[1])
 
   # 10 warmup epochs, lr 1e-4 per 512 images (4e-4 at 2048).

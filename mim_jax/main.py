@@ -7,7 +7,9 @@
 the config's method says; 'pretrain' and 'finetune' are aliases) or eval (the evaluators on the
 newest checkpoint in --workdir or on config.eval.init_from: mim_jax/evaluate.py).
 
-The config is locked (a mistyped override fails) and validated before anything compiles. On a
+The config is locked (a mistyped override fails) and validated before anything compiles. A
+known error (a bad config value, path or checkpoint, a full disk, a diverged run) prints one
+line `error: ...` and exits non-zero; --verbose shows its traceback (mim_jax/errors.py). On a
 multi-process launch (a TPU pod, or SLURM/GPU hosts), JAX's distributed runtime is initialised
 first: set MIM_JAX_DISTRIBUTED=1 or pass --distributed, and jax.distributed.initialize() reads
 the coordinator and process ids from the cluster environment; or pass --coordinator_address,
@@ -25,6 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mim_jax import config_validation
+from mim_jax import errors
 from mim_jax import evaluate
 from mim_jax import train
 
@@ -42,6 +45,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "pretrain", "finetune", "eval"],
                           "train (or its aliases pretrain, finetune): train the config's method "
                           "(and resume) in --workdir; eval: run the evaluators on saved params.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of known errors too (a bad "
+                             "config, path or checkpoint; a full disk), which otherwise print "
+                             "one line 'error: ...'. MIM_JAX_VERBOSE=1 does the same.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +58,7 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+@errors.reporting
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -74,4 +81,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

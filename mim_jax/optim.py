@@ -44,10 +44,16 @@ def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on optimizer settings that cannot train."""
-  if not 0 < config.optim.layer_decay <= 1:
-    raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got "
-                     f"{config.optim.layer_decay}")
+  """Raises ValueError on optimizer settings that cannot train (a negative lr ascends the loss
+  instead of descending it, without any other sign of trouble)."""
+  o = config.optim
+  for field in ("base_lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip_norm"):
+    if o[field] < 0:
+      raise ValueError(f"optim.{field} must be >= 0, got {o[field]}")
+  if o.lr_batch_base <= 0:
+    raise ValueError(f"optim.lr_batch_base must be positive, got {o.lr_batch_base}")
+  if not 0 < o.layer_decay <= 1:
+    raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {o.layer_decay}")
 
 
 # Layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE fine-tuning, He et al. 2021,

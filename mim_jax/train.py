@@ -228,6 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, workdir, abstract, iterator,
       lambda: create_state(model, tx, config, mesh, init_rng)[0])
   start = step = int(state.step)
+  if start > config.total_steps:
+    ckpt.close()
+    raise ValueError(f"{workdir} holds a checkpoint at step {start}, past total_steps "
+                     f"{config.total_steps}: raise --config.total_steps above {start} to train "
+                     f"on, or pass a new --workdir")
   finished = final_results.read(workdir, config.total_steps)
   if finished is not None:
     ckpt.close()

@@ -296,6 +296,17 @@ def test_tfds_unprepared_dataset(tmp_path):
     get_source(config.data, "train", 16)
 
 
+def test_tfds_unknown_dataset_names_the_closest_few(tmp_path):
+  """Not tfds' list of every dataset (hundreds of lines): the name and a few close ones."""
+  config = make_config("tfds:imagenet2013", tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError) as error:
+    get_source(config.data, "train", 16)
+  message = str(error.value)
+  assert message.startswith("data.name tfds:imagenet2013: tfds has no dataset 'imagenet2013'; "
+                            "closest: imagenet2012"), message
+  assert len(message.splitlines()) == 1 and message.count(",") < 5
+
+
 def test_tfds_mock_data_mnist():
   # How trainer tests run on a named tfds dataset with no files: tfds.testing.mock_data.
   config = make_config("tfds:mnist", channels=3)

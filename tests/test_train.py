@@ -95,6 +95,12 @@ class Started:
     return self.log.read_text()[-3000:]
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The one line a failed run ends with, checked to be alone: no traceback above it."""
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
   """The rows of metrics.jsonl; a line still being written by a running process is left out."""
   path = workdir / "metrics.jsonl"
@@ -270,8 +276,8 @@ def test_workdir_of_another_model_is_refused_and_left_untouched(reference_run, t
   wider_decoder = ARG.replace("decoder=1x32", "decoder=1x64")
   result = run_main(workdir, REF, arg=wider_decoder)
   assert result.returncode != 0
-  assert "CheckpointMismatchError" in result.stderr
-  assert "holds a checkpoint (step 100) of a different model" in result.stderr
+  assert error_line(result).startswith(f"error: {workdir / 'checkpoints'} holds a checkpoint "
+                                       f"(step 100) of a different model")
   assert re.search(r"shape mismatch: \S*decoder\S*: saved \[[\d, ]+\] vs model \[[\d, ]+\]",
                    result.stderr), result.stderr[-3000:]
   assert snapshot(workdir) == before
@@ -286,8 +292,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                "checkpoint.every_steps": 2}
   result = run_main(workdir, overrides)
   assert result.returncode != 0
-  match = re.search(r"NonFiniteLossError: non-finite .* at step (\d+); stopping: the last good "
-                    r"checkpoint \(step (\d+)\) is kept", result.stderr)
+  match = re.match(r"error: non-finite .* at step (\d+); stopping: the last good "
+                   r"checkpoint \(step (\d+)\) is kept", error_line(result))
   assert match, result.stderr[-3000:]
   bad_step, kept = int(match.group(1)), int(match.group(2))
   assert 0 < kept < bad_step < 20
@@ -341,17 +347,42 @@ def test_unknown_config_argument_names_the_valid_ones():
     mae_vit.get_config("variant=Mu/4,bogus=1")
 
 
-@pytest.mark.parametrize("arg, devices, expected", [
-    (f"{ARG.replace('batch_size=16', 'batch_size=12')}", 8,
+@pytest.mark.parametrize("arg, overrides, devices, expected", [
+    (f"{ARG.replace('batch_size=16', 'batch_size=12')}", {}, 8,
      [r"batch_size 12 must be a positive multiple of the number of devices \(8\)"]),
-    (ARG.replace("data=digits", "data=folder:/nonexistent"), 1,
+    ("runlocal,batch_size=0", {}, 1, [r"batch_size 0 must be a positive multiple"]),
+    ("runlocal,image_size=big", {}, 1,
+     [r"config argument image_size='big' must be an integer, e.g. image_size=16"]),
+    (ARG, {"optim.base_lr": -1e-3}, 1, [r"optim.base_lr must be >= 0, got -0.001"]),
+    (ARG.replace("data=digits", "data=folder:/nonexistent"), {}, 1,
      [r"/nonexistent is not an existing directory"]),
-    (f"{ARG},bogus=1", 1, [r"unknown config argument 'bogus'", r"'runlocal', 'variant'\]"]),
+    (f"{ARG},bogus=1", {}, 1, [r"unknown config argument 'bogus'", r"'runlocal', 'variant'\]"]),
 ])
-def test_cli_rejects_a_bad_config_before_training(arg, devices, expected, tmp_path):
+def test_cli_rejects_a_bad_config_in_one_line_before_training(arg, overrides, devices, expected,
+                                                              tmp_path):
+  """A bad config prints one line 'error: ...' naming the value and what is valid, with no
+  traceback, and exits non-zero before anything is written."""
   workdir = tmp_path / "workdir"
-  result = run_main(workdir, COMMON, arg=arg, devices=devices)
+  result = run_main(workdir, {**COMMON, **overrides}, arg=arg, devices=devices)
   assert result.returncode != 0
   for pattern in expected:
-    assert re.search(pattern, result.stderr), (pattern, result.stderr[-3000:])
+    assert re.search(pattern, error_line(result)), (pattern, result.stderr[-3000:])
   assert not (workdir / "checkpoints").exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  result = run_module("mim_jax.main", *main_flags(tmp_path, {**COMMON, "optim.base_lr": -1e-3}),
+                      "--verbose")
+  assert result.returncode != 0
+  assert "Traceback" in result.stderr and "ValueError: optim.base_lr must be >= 0" in result.stderr
+
+
+def test_a_workdir_past_total_steps_is_refused_and_left_untouched(reference_run, tmp_path):
+  workdir = tmp_path / "past"
+  shutil.copytree(reference_run, workdir)
+  before = snapshot(workdir)
+  result = run_main(workdir, {**REF, "total_steps": 50})
+  assert result.returncode != 0
+  assert re.match(r"error: .* holds a checkpoint at step 100, past total_steps 50: raise "
+                  r"--config.total_steps above 100", error_line(result)), result.stderr[-3000:]
+  assert snapshot(workdir) == before

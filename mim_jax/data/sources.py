@@ -16,6 +16,7 @@ The forms of `config.data.name`:
 """
 
 from concurrent import futures
+import difflib
 import os
 import pathlib
 import zlib
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import registered as tfds_registered
 
 from mim_jax import registry
 
@@ -109,6 +111,12 @@ class TfdsSource:
     except NotImplementedError as e:  # tfds' error for data not prepared as ArrayRecord.
       raise ValueError(f"tfds:{name} is not prepared as ArrayRecord in data_dir={data_dir}; "
                        f"run `tfds build {name} --file_format=array_record` once.") from e
+    except tfds_registered.DatasetNotFoundError:
+      # tfds lists every registered dataset (hundreds of lines): name the closest few instead.
+      base = name.split(":")[0].split("/")[0]
+      close = difflib.get_close_matches(base, tfds_registered.list_imported_builders(), n=5)
+      raise ValueError(f"data.name tfds:{name}: tfds has no dataset {base!r}"
+                       + (f"; closest: {', '.join(close)}" if close else "")) from None
     features = set(self._source.dataset_info.features.keys())
     if missing := {"image", "label"} - features:
       raise ValueError(f"tfds:{name} lacks features {sorted(missing)}; it has {sorted(features)}.")

@@ -1,0 +1,74 @@
+"""One clear line per known error: what a user sees when a command fails for a reason they can
+fix (a config value, a path, a checkpoint of another model, a full or read-only disk, a diverged
+run), instead of a traceback with the cause on its last line.
+
+The known errors are the types the project raises with a full message (ValueError and its
+subclasses such as checkpoint.CheckpointMismatchError, FloatingPointError for a non-finite
+loss) and the OS errors a path or a disk gives. Anything else is a bug or an unforeseen failure
+and keeps its traceback. `--verbose` (or MIM_JAX_VERBOSE=1) shows the traceback of every error.
+
+It lives at the bottom floor (it imports nothing of mim_jax), so any entry point may use it.
+"""
+
+import errno
+import functools
+import os
+import sys
+from typing import Callable, NoReturn
+
+from absl import flags
+
+KNOWN = (ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError,
+         IsADirectoryError, PermissionError)
+DISK = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+        errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def verbose(argv: list[str]) -> bool:
+  return "--verbose" in argv or os.environ.get("MIM_JAX_VERBOSE") == "1"
+
+
+def describe(error: BaseException) -> str | None:
+  """The one-line message of a known error, or None for an unknown one."""
+  if isinstance(error, OSError) and error.errno in DISK:
+    where = error.filename or "the workdir"
+    return (f"cannot write {where}: {DISK[error.errno]}; free some space or pass another "
+            f"--workdir (checkpoints already saved are kept)")
+  if isinstance(error, KNOWN):
+    return " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+  return None
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps an absl main: a known error exits with one line `error: ...` and status 1."""
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except Exception as error:  # pylint: disable=broad-except
+      message = describe(error)
+      if message is None or verbose(sys.argv):
+        raise
+      fail(message)
+
+  return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's `flags_parser`: a bad flag or config file (a config's own ValueError included, which
+  ml_collections wraps into the flag error with its traceback as text) is one line, status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    if verbose(argv):
+      raise
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))]
+    fail((causes[-1].partition(": ")[2] if causes else lines[0])
+         + " (--helpshort lists the flags)", code=2)

@@ -1,0 +1,54 @@
+"""One clear line per known error (mim_jax/errors.py); the command-line cases run in
+tests/test_train.py."""
+
+import errno
+
+import pytest
+
+from mim_jax import checkpoint
+from mim_jax import errors
+from mim_jax import train
+
+
+def test_known_errors_are_one_line_and_unknown_ones_are_not_described():
+  assert errors.describe(ValueError("image_size 18 is not divisible")) == (
+      "image_size 18 is not divisible")
+  assert errors.describe(checkpoint.CheckpointMismatchError("x holds a checkpoint")) == (
+      "x holds a checkpoint")
+  assert errors.describe(train.NonFiniteLossError("non-finite {'loss': nan}")).startswith(
+      "non-finite")
+  missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "/nope")
+  assert "/nope" in errors.describe(missing)
+  assert errors.describe(RuntimeError("a bug")) is None  # keeps its traceback
+  assert errors.describe(KeyError("k")) is None
+
+
+@pytest.mark.parametrize("code, why", [(errno.ENOSPC, "the disk is full"),
+                                       (errno.EROFS, "the file system is read-only")])
+def test_disk_errors_name_the_path_and_what_to_do(code, why):
+  message = errors.describe(OSError(code, "os text", "/work/run/checkpoints/200"))
+  assert message == (f"cannot write /work/run/checkpoints/200: {why}; free some space or pass "
+                     f"another --workdir (checkpoints already saved are kept)")
+
+
+def test_reporting_exits_with_one_line(capsys, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["main"])
+  monkeypatch.delenv("MIM_JAX_VERBOSE", raising=False)
+
+  @errors.reporting
+  def main(argv):
+    del argv
+    raise ValueError("optim.base_lr must be >= 0, got -1.0\nsecond line")
+
+  with pytest.raises(SystemExit) as exit_info:
+    main([])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == "error: optim.base_lr must be >= 0, got -1.0\n"
+
+  @errors.reporting
+  def buggy(argv):
+    del argv
+    raise RuntimeError("unforeseen")
+
+  with pytest.raises(RuntimeError, match="unforeseen"):
+    buggy([])

@@ -53,6 +53,13 @@ def with_encoder(params: Any, encoder_params: Any, param_shardings: Any, *,
   return {**params, "encoder": encoder}
 
 
+def check(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises, naming the source, when a fresh run (no checkpoint in `workdir` yet) could not read
+  `config.init_from`: called before anything is written, so a typo leaves no empty workdir."""
+  if config.init_from and pretrained.latest_checkpoint_step(workdir) is None:
+    pretrained.check_source(config.init_from)
+
+
 def load(params: Any, config: ml_collections.ConfigDict, param_shardings: Any) -> Any:
   """`params` (a fresh init) with `config.init_from`'s parameters: all of them when the source
   fits the whole model, else its encoder (see the module docstring)."""

@@ -193,6 +193,22 @@ def _fit_learned_posemb(flat: dict[str, np.ndarray], table: np.ndarray | None,
 # Sources.
 # ---------------------------------------------------------------------------------------------
 
+def check_source(source: str) -> None:
+  """Raises FileNotFoundError or ValueError, naming `source`, unless it is a workdir with a
+  committed checkpoint, an existing `.pth`/`.pt` or an existing `.npz` (cheap: nothing is read)."""
+  path = epath.Path(str(source))
+  if not path.exists():
+    raise FileNotFoundError(f"pretrained source {str(source)!r} does not exist: pass a mim_jax "
+                            f"workdir, an MAE .pth or an exported .npz")
+  if path.is_dir():
+    if latest_checkpoint_step(str(source)) is None:
+      raise FileNotFoundError(f"pretrained source {str(source)!r} has no committed checkpoint "
+                              f"under {path / 'checkpoints'}")
+  elif not str(source).endswith((".pth", ".pt", ".npz")):
+    raise ValueError(f"pretrained source {str(source)!r}: expected a mim_jax workdir, an MAE "
+                     f".pth or an exported .npz")
+
+
 def latest_checkpoint_step(workdir: str) -> int | None:
   """The newest committed checkpoint step under <workdir>/checkpoints, or None (orbax's own
   notion of committed: saves still in flight or interrupted are not counted)."""

@@ -224,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count())
 
   # State: the newest checkpoint, or a fresh (possibly pretrained) one.
+  init_from.check(config, workdir)  # before the checkpoint directory is created
   ckpt, state, last_saved = restore_or_create(
       config, workdir, abstract, iterator,
       lambda: create_state(model, tx, config, mesh, init_rng)[0])

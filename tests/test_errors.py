@@ -7,6 +7,7 @@ import pytest
 
 from mim_jax import checkpoint
 from mim_jax import errors
+from mim_jax import pretrained
 from mim_jax import train
 
 
@@ -52,3 +53,15 @@ def test_reporting_exits_with_one_line(capsys, monkeypatch):
 
   with pytest.raises(RuntimeError, match="unforeseen"):
     buggy([])
+
+
+def test_pretrained_sources_are_checked_before_anything_is_written(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"'/nope' does not exist: pass a mim_jax workdir"):
+    pretrained.check_source("/nope")
+  with pytest.raises(FileNotFoundError, match=r"has no committed checkpoint under"):
+    pretrained.check_source(str(tmp_path))
+  (tmp_path / "weights.bin").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"expected a mim_jax workdir, an MAE .pth or an exported"):
+    pretrained.check_source(str(tmp_path / "weights.bin"))
+  (tmp_path / "mae.pth").write_bytes(b"")
+  pretrained.check_source(str(tmp_path / "mae.pth"))  # exists, and the kind is known

@@ -357,6 +357,8 @@ def test_unknown_config_argument_names_the_valid_ones():
     (ARG.replace("data=digits", "data=folder:/nonexistent"), {}, 1,
      [r"/nonexistent is not an existing directory"]),
     (f"{ARG},bogus=1", {}, 1, [r"unknown config argument 'bogus'", r"'runlocal', 'variant'\]"]),
+    (ARG, {"init_from": "/nonexistent/mae_run"}, 1,
+     [r"pretrained source '/nonexistent/mae_run' does not exist: pass a mim_jax workdir"]),
 ])
 def test_cli_rejects_a_bad_config_in_one_line_before_training(arg, overrides, devices, expected,
                                                               tmp_path):

@@ -104,6 +104,7 @@ def resample_posemb(table: np.ndarray, new_grid: tuple[int, int],
 def _load(source: str, config: ml_collections.ConfigDict, *, encoder_only: bool
           ) -> dict[str, np.ndarray]:
   source = str(source)  # Also a pathlib.Path.
+  check_source(source)
   expected = expected_shapes(config, encoder_only=encoder_only)
   encoder = models.build_encoder(config)
   grid = (config.image_size // encoder.patch, config.image_size // encoder.patch)
@@ -113,14 +114,9 @@ def _load(source: str, config: ml_collections.ConfigDict, *, encoder_only: bool
   elif source.endswith(".npz"):
     flat, origin = _read_npz(source), f"the export {source}"
     flat = _fit_learned_posemb(flat, flat.pop(ENCODER_POSEMB, None), expected, grid)
-  elif source.endswith((".pth", ".pt")):
+  else:  # .pth / .pt: check_source admits no other kind
     flat = _read_mae_pth(source, expected, grid, getattr(encoder, "posemb", "sincos"))
     origin = f"the MAE checkpoint {source}"
-  elif not epath.Path(source).exists():
-    raise FileNotFoundError(f"pretrained source {source!r} does not exist")
-  else:
-    raise ValueError(f"pretrained source {source!r}: expected a mim_jax workdir, an MAE .pth "
-                     f"or an exported .npz")
   if encoder_only:
     # The rest of a pretraining model, and the encoder's mask token (SimMIM-style methods use
     # it only to pretrain), are not part of the encoder.

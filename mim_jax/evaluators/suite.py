@@ -51,7 +51,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"eval.every_steps must be >= 0 (0: only at the end), got {e.every_steps}")
   if not e.run_name or "/" in e.run_name:
     raise ValueError(f"eval.run_name must be a non-empty name without '/', got {e.run_name!r}")
-  if e.top1.enabled and e.top1.feature not in features.CLASSIFIER[:1]:
+  if e.top1.enabled and e.top1.feature != "logits":
     raise ValueError(f"eval.top1.feature must be 'logits' (a classifier's), got "
                      f"{e.top1.feature!r}")
   if set(e.baselines) - set(BASELINES):
@@ -80,6 +80,9 @@ class Suite:
                mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
     self.names = [name for name in EVALUATORS if config.eval[name].enabled]
+    # Streamed evaluators read the eval split batch by batch; the others, the cached splits.
+    self._streamed = [name for name in self.names if _streamed(name)]
+    self._cached = [name for name in self.names if not _streamed(name)]
     specs = sorted({config.eval[name].feature for name in self.names} - {features.PIXELS})
     self._extract = (features.FeatureExtractor(model, specs, mesh, config.batch_size)
                      if specs else None)
@@ -102,7 +105,7 @@ class Suite:
   def run(self, params: Any, name: str) -> dict[str, float]:
     """Every enabled evaluator on the model's `params`; keys end in '/<name>'."""
     results = {}
-    for evaluator in filter(_streamed, self.names):
+    for evaluator in self._streamed:
       start = time.perf_counter()
       c = self.config
       out = EVALUATORS[evaluator].evaluate(
@@ -112,7 +115,7 @@ class Suite:
       logging.info("eval %s: %s on %s/%s in %.1fs: %s", name, evaluator, c.data.name,
                    c.data.eval_split, time.perf_counter() - start,
                    ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    if not any(not _streamed(n) for n in self.names):
+    if not self._cached:
       return results
     (train_x, _), (test_x, _) = self.data
     start = time.perf_counter()
@@ -152,7 +155,7 @@ class Suite:
                 ) -> dict[str, float]:
     (_, train_y), (_, test_y) = self.data
     results = {}
-    for evaluator in (n for n in self.names if not _streamed(n)):
+    for evaluator in self._cached:
       cfg = self.config.eval[evaluator]
       train_f, test_f = source(cfg.feature)
       start = time.perf_counter()

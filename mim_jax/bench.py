@@ -3,12 +3,14 @@ r"""Throughput and MFU of the real train step, on a fixed synthetic batch alread
   python -m mim_jax.bench \
       --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128 \
       [--config.model.exact_gelu=False] [--steps=20] [--warmup=5]
+  python -m mim_jax.bench --config=configs/bestrq_conformer.py:runlocal
 
 The mesh, model, optimizer, state and jitted step are the trainer's own (train.create_state,
 train.make_train_step, state donated), so the number is what training gets minus the input
 pipeline. On CPU, set GLIBC_TUNABLES as `make bench` does (the Makefile says why), or the
 step pays glibc's page faults (page_faults_per_step). Prints one JSON line: the config argument
-and overrides, devices, images_per_sec, step_ms, compile_s (lower + compile),
+and overrides, devices, images_per_sec (examples per second; for audio also
+utterance_seconds_per_sec, seconds of audio per second), step_ms, compile_s (lower + compile),
 train_flops_per_image (analytic, from the architecture), achieved_flops_per_sec,
 peak_flops_per_sec (flops.matmul_peak on the same backend and compute dtype, times the device
 count), mfu, xla_flops_per_image (compiled.cost_analysis(), a cross-check: XLA counts per
@@ -51,13 +53,18 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
 
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """A fixed global batch of the method's inputs: standard normal floats (images, frames),
-  zeros for integers (labels), True for booleans (padding masks: every position valid)."""
+  """A fixed global batch of the method's inputs: standard normal floats (images, audio),
+  True for booleans (padding masks: every position valid), for an integer `<x>_len` the full
+  length of input `<x>` (no padding), zeros for other integers (labels)."""
+  inputs = methods.inputs(config)
   batch = {}
-  for name, spec in methods.inputs(config).items():
+  for name, spec in inputs.items():
     shape = (config.batch_size,) + spec.shape
+    padded = name.removesuffix("_len")
     if jnp.issubdtype(spec.dtype, jnp.floating):
       batch[name] = jax.random.normal(jax.random.key(1), shape, spec.dtype)
+    elif name.endswith("_len") and padded in inputs:
+      batch[name] = jnp.full(shape, inputs[padded].shape[0], spec.dtype)
     else:
       batch[name] = jnp.full(shape, spec.dtype == jnp.bool_, spec.dtype)
   return batch
@@ -98,11 +105,13 @@ def main(argv: list[str]) -> None:
   peak = flops.matmul_peak(jnp.dtype(config.model.dtype)) * devices
   achieved = images_per_sec * flops_per_image
   config_arg = next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), "")
+  audio = ({"utterance_seconds_per_sec": round(images_per_sec * config.data.clip_seconds, 2)}
+           if config.data.get("modality", "image") == "audio" else {})
   print(json.dumps({
       "config": config_arg,
       "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
       "devices": devices, "platform": jax.devices()[0].platform,
-      "images_per_sec": round(images_per_sec, 2), "step_ms": round(1e3 * step_s, 2),
+      "images_per_sec": round(images_per_sec, 2), **audio, "step_ms": round(1e3 * step_s, 2),
       "compile_s": round(compile_s, 2), "loss": float(metrics["loss"]),
       "train_flops_per_image": flops_per_image,
       "xla_flops_per_image": _xla_flops(compiled) * devices / config.batch_size,

@@ -1,5 +1,7 @@
 """The optimizer from the config: AdamW with linear warmup then cosine decay, a weight-decay mask,
-optional global-norm clipping and optional layer-wise lr decay (`optim.layer_decay` < 1)."""
+optional global-norm clipping and optional layer-wise lr decay (`optim.layer_decay` < 1).
+Parameters named `frozen_*` are a method's fixed buffers (BEST-RQ's random projection and
+codebook): saved in checkpoints with the rest, never updated, and given no optimizer state."""
 
 import re
 
@@ -13,6 +15,7 @@ from mim_jax import tree_paths
 # biases, position embeddings and tokens): anything of rank <= 1, plus these names.
 # Swin's relative position bias tables are excluded too, as in Swin's and SimMIM's code.
 _NO_DECAY = re.compile(r"(^|/)(cls|mask_token|pos_embedding|relative_position_bias_table)$")
+_FROZEN = re.compile(r"(^|/)frozen_")
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -32,6 +35,24 @@ def decay_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def is_frozen(name: str) -> bool:
+  """Whether the parameter `name` ('a/b/frozen_codebook') is a frozen buffer."""
+  return bool(_FROZEN.search(name))
+
+
+def skip_frozen(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` for the trainable parameters; zero updates and no state for the frozen ones. A model
+  without frozen parameters gets `tx` itself, so its optimizer state keeps its layout (and
+  checkpoints written before frozen parameters existed still restore)."""
+  labels = lambda params: tree_paths.map_with_names(
+      lambda name, _: "frozen" if is_frozen(name) else "train", params)
+  split = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  pick = lambda params: split if any(map(is_frozen, tree_paths.flatten(params))) else tx
+  return optax.GradientTransformation(
+      lambda params: pick(params).init(params),
+      lambda updates, state, params=None: pick(updates).update(updates, state, params))
+
+
 def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optim
   tx = optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
@@ -40,7 +61,7 @@ def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   if o.layer_decay < 1:
     tx = optax.chain(tx, scale_by_layer_decay(o.layer_decay))
-  return tx
+  return skip_frozen(tx)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

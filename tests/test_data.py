@@ -113,11 +113,13 @@ def test_batch_size_not_divisible_by_processes():
 
 def test_eval_arrays_digits_test_split():
   config = make_config()
-  images, labels = eval_arrays(config, "test")
+  inputs, labels = eval_arrays(config, "test")
+  images = inputs["image"]
+  assert set(inputs) == {"image"}
   assert images.shape == (297, 16, 16, 1) and images.dtype == np.float32
   assert labels.shape == (297,) and labels.dtype == np.int32
-  head_images, head_labels = eval_arrays(config, "test", max_examples=10)
-  np.testing.assert_array_equal(head_images, images[:10])
+  head_inputs, head_labels = eval_arrays(config, "test", max_examples=10)
+  np.testing.assert_array_equal(head_inputs["image"], images[:10])
   np.testing.assert_array_equal(head_labels, labels[:10])
 
 
@@ -312,9 +314,9 @@ def test_tfds_mock_data_mnist():
   config = make_config("tfds:mnist", channels=3)
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     batch = next(train_iterator(config, process_index=0, process_count=1))
-    images, labels = eval_arrays(config, "test")
+    inputs, labels = eval_arrays(config, "test")
   assert batch["image"].shape == (8, 16, 16, 3)
-  assert images.shape == (16, 16, 16, 3) and labels.dtype == np.int32
+  assert inputs["image"].shape == (16, 16, 16, 3) and labels.dtype == np.int32
 
 
 # ---------------------------------------------------------------- names

@@ -49,8 +49,8 @@ def setup():
 def test_pixels_on_digits(setup):
   *_, evals = setup
   (train_x, _), (test_x, _) = evals.data
-  assert (len(train_x), len(test_x)) == (1500, 297)
-  r = evals.run_pixels()
+  assert (len(train_x["image"]), len(test_x["image"])) == (1500, 297)
+  r = evals.run_raw()
   assert set(r) == {"knn/pixels", "linear_probe/pixels", "few_shot/1shot/pixels",
                     "few_shot/5shot/pixels", "few_shot/10shot/pixels", "few_shot/25shot/pixels"}
   # Measured: k-NN 0.983, probe 0.973, few-shot 0.650 / 0.869 / 0.879 / 0.916 (1/5/10/25).
@@ -117,7 +117,7 @@ def test_probe_on_8_devices_equals_1(setup):
   features' statistics."""
   config, *_, evals = setup
   (train_x, train_y), (test_x, test_y) = evals.data
-  train_f, test_f = features.pixels(train_x), features.pixels(test_x)
+  train_f, test_f = features.pixels(train_x["image"]), features.pixels(test_x["image"])
   meshes = [mesh_of(jax.devices()[:1]), mesh_of(jax.devices())]
   cfg = config.eval.linear_probe  # on 8 devices, test_pixels_on_digits' compiled program
   (p1, s1, loss1), (p8, s8, loss8) = [linear_probe.fit(cfg, train_f, train_y, 10, m)
@@ -199,7 +199,8 @@ def test_block_features(setup):
   _, model, params, _ = setup
   images = np.random.default_rng(0).normal(size=(20, 16, 16, 1)).astype(np.float32)
   specs = ["cls", "gap", "cls@block_0", "gap@block_0", "gap@block_-1", "cls@block_-2"]
-  got = features.FeatureExtractor(model, specs, sharding.make_mesh(), 16)(params, images)
+  got = features.FeatureExtractor(model, specs, sharding.make_mesh(), 16)(params,
+                                                                          {"image": images})
   aux = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.features))(params, images)
   want = {"cls": aux["cls"], "gap": aux["gap"], "cls@block_0": aux["block_0"][:, 0],
           "gap@block_0": aux["block_0"][:, 1:].mean(1),

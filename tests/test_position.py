@@ -101,7 +101,7 @@ def test_loss_falls_and_position_accuracy_rises_on_digits(trainer, digits):
   spec = trainer.config.eval.linear_probe.feature
   extract = features.FeatureExtractor(trainer.model, [spec], mesh_of(jax.devices()[:1]),
                                       trainer.config.batch_size)
-  feats = extract(state.params, np.concatenate(digits[:2])[:20])[spec]
+  feats = extract(state.params, {"image": np.concatenate(digits[:2])[:20]})[spec]
   assert feats.shape == (20, 64) and np.isfinite(feats).all()
 
 

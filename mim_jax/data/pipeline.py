@@ -14,6 +14,8 @@ from mim_jax.data import sources
 
 def check_channels(config: ml_collections.ConfigDict) -> None:
   d = config.data
+  if d.get("modality", "image") != "image":
+    return
   if not len(d.mean) == len(d.std) == d.channels:
     raise ValueError(f"data.mean {d.mean} and data.std {d.std} need one value per channel "
                      f"(data.channels={d.channels}).")
@@ -31,12 +33,36 @@ def train_transform(source: Any, config: ml_collections.ConfigDict
                                 d.hflip, tuple(d.mean), tuple(d.std))
 
 
+def eval_transform(source: Any, config: ml_collections.ConfigDict
+                   ) -> Callable[[dict], dict]:
+  """The deterministic per-example transform of eval records: images are resized and
+  normalised; a source of another modality brings its own as `source.eval_transform(config)`."""
+  if hasattr(source, "eval_transform"):
+    return source.eval_transform(config)
+  d = config.data
+  return augment.EvalTransform(config.image_size, tuple(d.mean), tuple(d.std))
+
+
+def _eval_source(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+  """The split's records, eval-transformed."""
+  check_channels(config)
+  source = sources.get_source(config.data, split, config.get("image_size", 0))
+  return grain.MapDataset.source(source).map(eval_transform(source, config))
+
+
+def _split_labels(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """A batch of records -> (the model's inputs, labels int32)."""
+  inputs = {k: v for k, v in batch.items() if k != "label"}
+  return inputs, batch["label"].astype(np.int32)
+
+
 def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                    process_count: int | None = None) -> grain.DatasetIterator:
   """Returns this process's infinite iterator of augmented train batches.
 
   Batches are dicts of arrays with a leading axis B = batch_size // process_count: for images
-  {"image": float32 [B, S, S, C] normalised, "label": int32 [B]}. Each process reads every process_count-th example of the
+  {"image": float32 [B, S, S, C] normalised, "label": int32 [B]}; for audio {"audio": float32
+  [B, L], "audio_len": int32 [B] (real samples), "label": int32 [B]}. Each process reads every process_count-th example of the
   source, reshuffled each epoch. The order is a function of config.seed and the process alone,
   and the iterator's get_state() / set_state() resume it exactly.
   The process defaults are read at call time, i.e. after jax.distributed.initialize.
@@ -48,7 +74,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
                      f"processes ({process_count}).")
   check_channels(config)
   d = config.data
-  source = sources.get_source(d, d.split, config.image_size)
+  source = sources.get_source(d, d.split, config.get("image_size", 0))
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if not len(ds):
     raise ValueError(f"data.name={d.name!r} split {d.split!r} has {len(source)} examples, "
@@ -72,30 +98,25 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (images, labels) of a whole split in order, `batch_size` at a time (the last batch
-  may be smaller), resized without augmentation as in `eval_arrays`, but never holding more
+                 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """Yields (inputs, labels) of a whole split in order, `batch_size` at a time (the last batch
+  may be smaller), transformed without augmentation as in `eval_arrays`, but never holding more
   than a batch: for splits too large for memory (ImageNet's validation set is 30 GB as
   float32 at 224 px). Every process gets the same batches."""
-  check_channels(config)
-  d = config.data
-  ds = grain.MapDataset.source(sources.get_source(d, split, config.image_size))
-  ds = ds.map(augment.EvalTransform(config.image_size, tuple(d.mean), tuple(d.std)))
+  ds = _eval_source(config, split)
   for batch in ds.batch(batch_size, drop_remainder=False).to_iter_dataset():
-    yield batch["image"], batch["label"].astype(np.int32)
+    yield _split_labels(batch)
 
 
-def eval_arrays(config: ml_collections.ConfigDict, split: str,
-                max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images float32 [N, S, S, C], labels int32 [N]) of a split, resized without aug.
+def eval_arrays(config: ml_collections.ConfigDict, split: str, max_examples: int | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Returns (inputs, labels int32 [N]) of a split, transformed without augmentation: the
+  inputs are the method's arrays, e.g. {'image': float32 [N, S, S, C]} resized and normalised,
+  or {'audio': float32 [N, L], 'audio_len': int32 [N]}.
 
   N is the split's size, or its first max_examples examples. Every process gets the same arrays.
   """
-  check_channels(config)
-  d = config.data
-  ds = grain.MapDataset.source(sources.get_source(d, split, config.image_size))
-  ds = ds[:max_examples].map(augment.EvalTransform(config.image_size, tuple(d.mean),
-                                                   tuple(d.std)))
-  records = list(ds.to_iter_dataset())  # grain decodes in background threads.
-  return (np.stack([r["image"] for r in records]),
-          np.array([r["label"] for r in records], np.int32))
+  records = list(_eval_source(config, split)[:max_examples].to_iter_dataset())  # grain decodes
+  if not records:                                                                 # in threads.
+    raise ValueError(f"data.name={config.data.name!r} split {split!r} has no examples")
+  return _split_labels({k: np.stack([r[k] for r in records]) for k in records[0]})

@@ -8,12 +8,15 @@ Every evaluator names the feature it reads with a spec string (`config.eval.<eva
                           'gap@block_5' (block 5's pre-norm output [B, 1+N, D]) or 'gap@stage_2'
                           (Swin). A negative index counts from the end: 'cls@block_-1' is the
                           last block before the final norm, 'gap@block_-2' the one before it;
-  'pixels'                the flattened input images: the baseline that needs no model;
+  'pixels'                the raw input: flattened images, or for audio the mean and standard
+                          deviation of each log-mel bin over the utterance's real frames (the
+                          baselines 'pixels' and 'logmel' that need no model);
   'logits', 'pre_logits'  a classifier's outputs (methods/finetune.py's aux), e.g. for top-1.
 
 In a model whose aux has 'cls' (ViT, CRATE, ...), intermediates carry the cls token at index 0
-and 'gap' averages the other tokens; in one without (Swin), 'gap' averages every token and
-'cls' is an error.
+and 'gap' averages the other tokens; in one without (Swin, Conformer), 'gap' averages every
+token and 'cls' is an error. A model with padding (Conformer) puts its bool [B, T] 'valid' in
+aux, and 'gap' then averages the real frames only.
 """
 
 import re
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import sharding
+from mim_jax.data import logmel
 
 PIXELS = "pixels"
 POOLS = ("cls", "gap")
@@ -71,12 +75,37 @@ def pool(aux: dict[str, jax.Array], spec: str) -> jax.Array:
     return tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(axis=1)
   if pooling == "cls":
     raise ValueError(f"{spec!r}: this model has no cls token; use 'gap@{layer}'")
+  if "valid" in aux:
+    return masked_mean(tokens, aux["valid"])
   return tokens.mean(axis=1)
+
+
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """[B, T, D] averaged over the frames `valid` [B, T] marks -> [B, D]."""
+  weight = valid.astype(x.dtype)[..., None]
+  return (x * weight).sum(1) / jnp.maximum(weight.sum(1), 1)
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
   """[N, H, W, C] -> [N, H*W*C] float32: raw pixels as features."""
   return images.reshape(len(images), -1).astype(np.float32)
+
+
+def logmel_stats(audio: np.ndarray, audio_len: np.ndarray, frontend: logmel.FrontEnd,
+                 batch_size: int = 256) -> np.ndarray:
+  """[N, L] waveforms -> [N, 2 * mels] float32: each log-mel bin's mean and standard deviation
+  over the real frames, unnormalised (per-utterance normalisation would erase the mean)."""
+  fe = frontend._replace(normalize="none")
+
+  @jax.jit
+  def stats(x, n):
+    feats, valid = logmel.log_mel(x, n, fe)
+    mean = masked_mean(feats, valid)
+    var = masked_mean(jnp.square(feats - mean[:, None]), valid)
+    return jnp.concatenate([mean, jnp.sqrt(var)], -1)
+
+  return np.concatenate([np.asarray(stats(audio[i:i + batch_size], audio_len[i:i + batch_size]))
+                         for i in range(0, len(audio), batch_size)])
 
 
 class FeatureExtractor:
@@ -91,25 +120,31 @@ class FeatureExtractor:
         raise ValueError("'pixels' needs no extractor: use features.pixels(images)")
     self.batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
 
-    def fn(params, images):
-      aux = model.apply({"params": params}, images, method=model.features)
+    def fn(params, inputs):
+      aux = model.apply({"params": params}, **inputs, method=model.features)
       return {spec: pool(aux, spec).astype(jnp.float32) for spec in self.specs}
 
     self._batch_sharding = sharding.batch_sharding(mesh)
     self._fn: Callable = jax.jit(fn, in_shardings=(None, self._batch_sharding),
                                  out_shardings=sharding.replicated(mesh))
 
-  def __call__(self, params, images: np.ndarray) -> dict[str, np.ndarray]:
-    """[N, H, W, C] -> {spec: [N, D] float32}. Every process passes the same images; the last
-    batch is padded so a single compiled shape serves the whole dataset."""
+  def __call__(self, params, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's inputs, e.g. {'image': [N, H, W, C]} -> {spec: [N, D] float32}. Every
+    process passes the same inputs; the last batch is padded so a single compiled shape serves
+    the whole dataset."""
     out = {spec: [] for spec in self.specs}
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      pad = np.zeros((self.batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-      host = np.concatenate([chunk, pad])
+    total = len(next(iter(inputs.values())))
+    for start in range(0, total, self.batch_size):
+      chunk = {k: v[start:start + self.batch_size] for k, v in inputs.items()}
+      count = len(next(iter(chunk.values())))
       # Every process holds the whole batch and contributes the rows its devices own.
-      batch = jax.make_array_from_callback(host.shape, self._batch_sharding, lambda i: host[i])
+      batch = {k: self._place(np.concatenate(
+          [v, np.zeros((self.batch_size - count,) + v.shape[1:], v.dtype)]))
+          for k, v in chunk.items()}
       batch = jax.device_get(self._fn(params, batch))
       for spec in self.specs:
-        out[spec].append(batch[spec][:len(chunk)])
+        out[spec].append(batch[spec][:count])
     return {spec: np.concatenate(v) for spec, v in out.items()}
+
+  def _place(self, host: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(host.shape, self._batch_sharding, lambda i: host[i])

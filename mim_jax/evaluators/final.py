@@ -23,8 +23,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
   started from (the random-init baseline)."""
   e = config.eval
   if e.reconstruction_png and jax.process_index() == 0:
-    images, _ = pipeline.eval_arrays(config, config.data.eval_split,
+    inputs, _ = pipeline.eval_arrays(config, config.data.eval_split,
                                      max_examples=e.num_png_images)
+    images = inputs["image"]
     path = reconstruction.write_png(
         os.path.join(workdir, "reconstruction.png"), model, params, images, config.data.mean,
         config.data.std, jax.random.key(config.seed + 1))

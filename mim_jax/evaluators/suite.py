@@ -3,7 +3,8 @@
   evals = Suite(config, model, mesh)
   evals.run(params, "pretrained")  # {'knn/pretrained': .., 'linear_probe/pretrained': ..,
                                    #  'few_shot/10shot/pretrained': .., ...}
-  evals.run_pixels()               # the same with raw pixels as features: '.../pixels'
+  evals.run_raw()                  # the same with the raw input as features: '.../pixels'
+                                   #  (images) or '.../logmel' (audio)
 
 An evaluator is a module registered in EVALUATORS with a section `config.eval.<name>` holding
 `enabled`, `feature` (a spec of evaluators/features.py) and its own settings, and either
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mim_jax.data import logmel
 from mim_jax.data import pipeline
 from mim_jax.evaluators import features
 from mim_jax.evaluators import few_shot
@@ -35,7 +37,11 @@ from mim_jax.registry import Registry
 
 EVALUATORS = Registry("evaluator", {"knn": knn, "linear_probe": linear_probe,
                                     "few_shot": few_shot, "top1": top1})
-BASELINES = ("random_init", "pixels")
+
+
+def raw_baseline(config: ml_collections.ConfigDict) -> str:
+  """The name of the no-model baseline of the config's data: 'pixels' or, for audio, 'logmel'."""
+  return "logmel" if config.data.get("modality", "image") == "audio" else "pixels"
 
 
 def _streamed(name: str) -> bool:
@@ -54,8 +60,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if e.top1.enabled and e.top1.feature != "logits":
     raise ValueError(f"eval.top1.feature must be 'logits' (a classifier's), got "
                      f"{e.top1.feature!r}")
-  if set(e.baselines) - set(BASELINES):
-    raise ValueError(f"eval.baselines {e.baselines} may only hold {BASELINES}")
+  valid = ("random_init", raw_baseline(config))
+  if set(e.baselines) - set(valid):
+    raise ValueError(f"eval.baselines {e.baselines} may only hold {valid} for data.name "
+                     f"{config.data.name!r}")
   if e.knn.k <= 0 or e.knn.temperature <= 0 or e.knn.chunk <= 0:
     raise ValueError("eval.knn.k, temperature and chunk must be positive")
   p = e.linear_probe
@@ -87,6 +95,7 @@ class Suite:
     self._extract = (features.FeatureExtractor(model, specs, mesh, config.batch_size)
                      if specs else None)
     self._data = None
+    self._raw_features = None
 
   def due(self, step: int) -> bool:
     """Whether the periodic evals run after `step` (the last step is final.py's)."""
@@ -94,8 +103,10 @@ class Suite:
     return bool(self.names) and every > 0 and step % every == 0 and step < self.config.total_steps
 
   @property
-  def data(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """((train images, labels), (test images, labels)), read once."""
+  def data(self) -> tuple[tuple[dict[str, np.ndarray], np.ndarray],
+                          tuple[dict[str, np.ndarray], np.ndarray]]:
+    """((train inputs, labels), (test inputs, labels)), read once; inputs are the method's
+    arrays, e.g. {'image': ...}."""
     if self._data is None:
       c, limit = self.config, self.config.eval.max_examples or None
       self._data = (pipeline.eval_arrays(c, c.data.split, max_examples=limit),
@@ -109,7 +120,7 @@ class Suite:
       start = time.perf_counter()
       c = self.config
       out = EVALUATORS[evaluator].evaluate(
-          c.eval[evaluator], lambda images: self._extract(params, images),
+          c.eval[evaluator], lambda inputs: self._extract(params, inputs),
           pipeline.eval_batches(c, c.data.eval_split, self._extract.batch_size))
       results.update({f"{key}/{name}": value for key, value in out.items()})
       logging.info("eval %s: %s on %s/%s in %.1fs: %s", name, evaluator, c.data.name,
@@ -123,16 +134,17 @@ class Suite:
     if self._extract is not None:
       train_f, test_f = self._extract(params, train_x), self._extract(params, test_x)
       feats = {spec: (train_f[spec], test_f[spec]) for spec in self._extract.specs}
-    logging.info("eval %s: features of %d + %d images in %.1fs", name, len(train_x),
-                 len(test_x), time.perf_counter() - start)
+    (_, train_y), (_, test_y) = self.data
+    logging.info("eval %s: features of %d + %d examples in %.1fs", name, len(train_y),
+                 len(test_y), time.perf_counter() - start)
     results.update(self._evaluate(
-        name, lambda spec: feats[spec] if spec in feats else self._pixels()))
+        name, lambda spec: feats[spec] if spec in feats else self._raw()))
     return results
 
-  def run_pixels(self) -> dict[str, float]:
-    """Every enabled evaluator of cached features on raw pixels (the flattened images): keys
-    end in '/pixels'."""
-    return self._evaluate("pixels", lambda spec: self._pixels())
+  def run_raw(self) -> dict[str, float]:
+    """Every enabled evaluator of cached features on the raw input (features.py's 'pixels'):
+    keys end in '/pixels', or '/logmel' for audio."""
+    return self._evaluate(raw_baseline(self.config), lambda spec: self._raw())
 
   def run_with_baselines(self, params: Any, random_init: Callable[[], Any]) -> dict[str, float]:
     """The pretrained `params`, then the baselines `config.eval.baselines` names: the same
@@ -140,16 +152,25 @@ class Suite:
     results = self.run(params, self.config.eval.run_name)
     if "random_init" in self.config.eval.baselines:
       results.update(self.run(random_init(), "random_init"))
-    if "pixels" in self.config.eval.baselines:
-      results.update(self.run_pixels())
+    if raw_baseline(self.config) in self.config.eval.baselines:
+      results.update(self.run_raw())
     if results:
       logging.info("top-1 on %s/%s:\n%s", self.config.data.name, self.config.data.eval_split,
                    table(results))
     return results
 
-  def _pixels(self) -> tuple[np.ndarray, np.ndarray]:
-    (train_x, _), (test_x, _) = self.data
-    return features.pixels(train_x), features.pixels(test_x)
+  def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+    """The raw-input features of both splits, computed once."""
+    if self._raw_features is None:
+      self._raw_features = tuple(self._raw_of(inputs) for inputs, _ in self.data)
+    return self._raw_features
+
+  def _raw_of(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    if "image" in inputs:
+      return features.pixels(inputs["image"])
+    c = self.config
+    return features.logmel_stats(inputs["audio"], inputs["audio_len"],
+                                 logmel.FrontEnd.from_config(c.frontend, c.data.sample_rate))
 
   def _evaluate(self, name: str, source: Callable[[str], tuple[np.ndarray, np.ndarray]]
                 ) -> dict[str, float]:

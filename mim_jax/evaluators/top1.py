@@ -15,13 +15,13 @@ STREAMED = True  # The suite feeds `evaluate` batches of the eval split, not cac
 
 
 def evaluate(cfg: ml_collections.ConfigDict,
-             extract: Callable[[np.ndarray], dict[str, np.ndarray]],
-             batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+             extract: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+             batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray]]) -> dict[str, float]:
   """{'top1': accuracy} of argmax(feature `cfg.feature`) against the labels, over `batches` of
-  (images, labels); `extract(images)` gives the model's features of a batch."""
+  (inputs, labels); `extract(inputs)` gives the model's features of a batch."""
   correct, total = 0, 0
-  for images, labels in batches:
-    predictions = extract(images)[cfg.feature].argmax(axis=-1)
+  for inputs, labels in batches:
+    predictions = extract(inputs)[cfg.feature].argmax(axis=-1)
     correct += int((predictions == labels).sum())
     total += len(labels)
   if not total:

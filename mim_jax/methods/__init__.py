@@ -3,12 +3,14 @@
 A method file defines four functions:
   build(config) -> flax module. Its `__call__(<inputs>, *, train)` takes the batch arrays as
       keyword arguments named as in `inputs` and returns `(loss, metrics)`, drawing randomness
-      from the 'mask' (and 'dropout') rng streams. It also offers `features(images) -> aux` for
-      the evaluators and, where it reconstructs pixels, `reconstruct(images) -> dict of images`
-      for the PNG grid;
+      from the 'mask' (and 'dropout') rng streams. It also offers `features(**inputs) -> aux`
+      for the evaluators, taking the eval records' arrays but the label as keywords (e.g.
+      `image`, or `audio` and `audio_len`), and, where it reconstructs pixels,
+      `reconstruct(images) -> dict of images` for the PNG grid;
   inputs(config) -> {name: jax.ShapeDtypeStruct}: the arrays the method consumes from each
       batch, with one example's shape (no batch axis), e.g. {'image': [S, S, C] float32} or
-      {'frames': [T, F] float32, 'frame_mask': [T] bool, 'label': [] int32};
+      {'audio': [L] float32, 'audio_len': [] int32}. An integer input `<x>_len` is the number of
+      real (unpadded) entries of input `<x>`;
   train_flops_per_example(config) -> int, the analytic training FLOPs of one example;
   validate(config) -> None, raising ValueError on a config the method cannot run.
 The trainer knows nothing else about a method: it builds init inputs and batch shardings from
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax.methods import bestrq
 from mim_jax.methods import cae
 from mim_jax.methods import crate_mae
 from mim_jax.methods import finetune
@@ -32,6 +35,7 @@ from mim_jax.methods import simmim
 from mim_jax.registry import Registry
 
 METHODS: Registry = Registry("method", {
+    "bestrq": bestrq,
     "cae": cae,
     "crate_mae": crate_mae,
     "finetune": finetune,

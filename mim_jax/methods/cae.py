@@ -205,9 +205,9 @@ class CAE(nn.Module):
     loss = loss_rec + self.align_weight * loss_align
     return loss, {"loss": loss, "loss_rec": loss_rec, "loss_align": loss_align}
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, image: jax.Array) -> dict[str, jax.Array]:
     """Encoder features of the full, unmasked image (for probes and k-NN)."""
-    _, aux = self.encoder(images)
+    _, aux = self.encoder(image)
     return aux
 
   def reconstruct(self, images: jax.Array) -> dict[str, jax.Array]:

@@ -76,9 +76,9 @@ class FineTune(nn.Module):
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, {"mix_lambda": lam}
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, image: jax.Array) -> dict[str, jax.Array]:
     """Evaluation-mode aux (for the evaluators: 'logits', 'pre_logits', the encoder's)."""
-    return self.logits(images)[1]
+    return self.logits(image)[1]
 
 
 def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:

@@ -81,9 +81,9 @@ class MAE(nn.Module):
     loss = masked_mse(pred, target, mask.mask)
     return loss, {"loss": loss}
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, image: jax.Array) -> dict[str, jax.Array]:
     """Encoder features of the full, unmasked image (for probes and k-NN)."""
-    _, aux = self.encoder(images)
+    _, aux = self.encoder(image)
     return aux
 
   def reconstruct(self, images: jax.Array) -> dict[str, jax.Array]:

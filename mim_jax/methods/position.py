@@ -66,9 +66,9 @@ class PositionPrediction(nn.Module):
         "position_accuracy_hidden": (correct * hidden).sum() / hidden.sum(),
     }
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, image: jax.Array) -> dict[str, jax.Array]:
     """Encoder features of the full image with full attention (for probes and k-NN)."""
-    _, aux = self.encoder(images)
+    _, aux = self.encoder(image)
     return aux
 
 

@@ -89,9 +89,9 @@ class SimMIM(nn.Module):
     loss = masked_l1(pred, image, pixel_mask(mask.mask, self.grid, self.patch))
     return loss, {"loss": loss}
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, image: jax.Array) -> dict[str, jax.Array]:
     """Encoder features of the full, unmasked image (for probes and k-NN)."""
-    _, aux = self.encoder(images)
+    _, aux = self.encoder(image)
     return aux
 
   def reconstruct(self, images: jax.Array) -> dict[str, jax.Array]:

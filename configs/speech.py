@@ -6,7 +6,7 @@ the modality (optimizer, sharding, checkpoints, evals) come from configs/common.
 import ml_collections
 
 # Training-set sizes in utterances, to turn a paper's epochs into steps.
-TRAIN_UTTERANCES = {"spoken_digits": 480, "tfds:librispeech": 281_241}
+TRAIN_UTTERANCES = {"spoken_digits": 500, "tfds:librispeech": 281_241}
 
 
 def steps_per_epoch(data: str, batch_size: int) -> int:
@@ -64,7 +64,8 @@ def conformer_model_config(variant: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.name = "conformer"
   m.variant = variant            # S | M | L (Gulati et al. 2020, table 1) | Ti | Mu (tests).
-  m.dropout = 0.1                # Residual and attention dropout (Conformer sec. 3.2: 0.1).
+  m.dropout = 0.1                # Dropout on every residual branch and after the subsampling
+                                 # (Conformer sec. 3.2: 0.1).
   m.remat = False                # Rematerialise blocks to save accelerator memory.
   m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
   m.param_dtype = "float32"

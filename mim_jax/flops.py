@@ -11,6 +11,7 @@ import time
 import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
+import numpy as np
 
 from mim_jax.models import swin
 
@@ -77,10 +78,77 @@ def swin_encoder(image_size: int, size: swin.SwinSize, patch: int, window: int,
   return total
 
 
+def conv_taps(length: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
+  """Kernel taps of a 1-D convolution over `length` inputs that land on an input rather than on
+  the padding, summed over its output positions: the multiplications per (in, out) channel
+  pair. Unpadded, it is outputs x kernel; at a padded edge, fewer."""
+  lo, hi = pad
+  outputs = (length + lo + hi - kernel) // stride + 1
+  return sum(max(0, min(kernel, length + lo - o * stride) - max(0, lo - o * stride))
+             for o in range(outputs))
+
+
+def conformer(frames: int, num_mels: int, width: int, depth: int, heads: int, conv_kernel: int,
+              ff_mult: int = 4) -> int:
+  """Forward FLOPs of the Conformer encoder (models/conformer.py) on one utterance of `frames`
+  log-mel frames of `num_mels` bins. `heads` does not change the count (the heads split the
+  width); it is taken so a variant's fields pass straight through.
+
+  Subsampling: two 3x3 stride-2 convs (1 -> d, then d -> d channels; time padded by 1 each side,
+  frequency unpadded) to n = ceil(T / 4) frames of F2 bins (19 from 80), then the F2 d -> d
+  linear per frame. Per block, on n frames of width d: two FFNs (d -> ff_mult d -> d); q, k, v
+  and output projections (4 d^2 per frame); the positional projection of the 2n - 1
+  relative-distance embeddings (d^2 each); the position term (q + v) . W R against all 2n - 1
+  distances (2 n (2n - 1) d) and the two attention products q k^T and weights @ v (2 n^2 d
+  each); the conv module's pointwise d -> 2d and d -> d and its depthwise conv (kernel K, SAME).
+  A conv costs 2 c_in c_out per kernel tap that lands on the input (`conv_taps`; about 2 K per
+  output and channel pair, less at padded edges, as `jaxpr_matmul_flops` counts). Norms,
+  softmax, activations, the gather of the position term and the masking are left out.
+
+  In a batch the positional projection depends on n only and runs once, not per utterance:
+  a batch of B costs B times this minus (B - 1) * depth * 2 (2n - 1) d^2.
+  """
+  del heads
+  d = width
+  time_1, freq_1 = conv_taps(frames, 3, 2, (1, 1)), conv_taps(num_mels, 3, 2, (0, 0))
+  t1, f1 = -(-frames // 2), (num_mels - 3) // 2 + 1
+  time_2, freq_2 = conv_taps(t1, 3, 2, (1, 1)), conv_taps(f1, 3, 2, (0, 0))
+  n, f2 = -(-t1 // 2), (f1 - 3) // 2 + 1
+  subsampling = 2 * d * time_1 * freq_1 + 2 * d * d * time_2 * freq_2 + dense(n, f2 * d, d)
+  ffns = 2 * (dense(n, d, ff_mult * d) + dense(n, ff_mult * d, d))
+  attention = (dense(n, d, 3 * d) + dense(n, d, d) + dense(2 * n - 1, d, d)
+               + 2 * n * (2 * n - 1) * d + 2 * 2 * n * n * d)
+  depthwise = 2 * d * conv_taps(n, conv_kernel, 1, ((conv_kernel - 1) // 2, conv_kernel // 2))
+  conv = dense(n, d, 2 * d) + depthwise + dense(n, d, d)
+  return subsampling + depth * (ffns + attention + conv)
+
+
+def _conv_general_dilated_flops(eqn) -> int:
+  """2 x (output batch x output features) x (kernel input features) x the kernel taps, summed
+  over output positions, that land on an input element: taps on the padding and on the zeros
+  an lhs dilation inserts (the input gradient of a strided conv is a conv over the
+  stride-dilated cotangent) multiply zeros and are not counted. So, as for a matmul, a conv's
+  weight and input gradients each count what its forward does."""
+  p = eqn.params
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+  out = eqn.outvars[0].aval.shape
+  taps = 1
+  for i, (l, r, o) in enumerate(zip(lhs_spec[2:], rhs_spec[2:], out_spec[2:])):
+    dilation = p["lhs_dilation"][i]
+    position = (np.arange(out[o])[:, None] * p["window_strides"][i]
+                + np.arange(rhs[r])[None] * p["rhs_dilation"][i] - p["padding"][i][0])
+    on_input = ((position >= 0) & (position <= (lhs[l] - 1) * dilation)
+                & (position % dilation == 0))
+    taps *= int(on_input.sum())
+  return 2 * out[out_spec[0]] * out[out_spec[1]] * rhs[rhs_spec[1]] * taps
+
+
 def jaxpr_matmul_flops(jaxpr) -> int:
-  """FLOPs of every dot_general in a traced program (a Jaxpr or ClosedJaxpr from
-  jax.make_jaxpr), sub-programs included: an independent check of the analytic counts.
-  2 * (output size) * (contracted size) per matmul; a scan body is counted once."""
+  """FLOPs of every dot_general and conv_general_dilated in a traced program (a Jaxpr or
+  ClosedJaxpr from jax.make_jaxpr), sub-programs included: an independent check of the
+  analytic counts. 2 * (output size) * (contracted size) per matmul, convolutions as
+  `_conv_general_dilated_flops`; a scan body is counted once."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0
   for eqn in jaxpr.eqns:
@@ -88,6 +156,8 @@ def jaxpr_matmul_flops(jaxpr) -> int:
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    elif eqn.primitive.name == "conv_general_dilated":
+      total += _conv_general_dilated_flops(eqn)
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):

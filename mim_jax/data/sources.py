@@ -1,24 +1,33 @@
-"""Random-access image sources, picked by `config.data.name`.
+"""Random-access image and audio sources, picked by `config.data.name` and `config.data.modality`.
 
-Every source has `len()` and integer indexing, and returns records
-`{"image": uint8 [H, W, C], "label": int32}` with C = `config.data.channels`.
+Every source has `len()` and integer indexing. Image sources (data.modality 'image', the
+default) return records `{"image": uint8 [H, W, C], "label": int32}` with
+C = `config.data.channels`; audio sources (data.modality 'audio') return
+`{"audio": float32 [n] mono in [-1, 1] at data.sample_rate, "label": int32}`.
 The forms of `config.data.name`:
 
   digits          scikit-learn's bundled 8x8 handwritten digits: 1797 images, no
                   download. Split by a fixed seeded permutation: 'train' is its
-                  first 1500 images, 'test' the last 297.
-  synthetic       deterministic random images of `image_size`, for benchmarks.
+                  first 1500 images, 'test' the last 297. Images only.
+  spoken_digits   the words "zero".."nine", synthesized once by eSpeak NG into a local
+                  cache (spoken_digits.py): no download. Audio only.
+  synthetic       deterministic random images of `image_size`, or waveforms of
+                  data.clip_seconds, for benchmarks.
   tfds:<name>     a prepared tfds dataset read through `tfds.data_source`
-                  (ArrayRecord, no TensorFlow); features 'image' and 'label'.
-  folder:<path>   JPEG/PNG files under <path>/<split> if that folder exists, else
-                  under <path>. Images in class subfolders get the sorted class
-                  index as label, otherwise label 0.
+                  (ArrayRecord, no TensorFlow); features 'image' and 'label', or
+                  'audio' / 'speech' and an optional 'label' (tfds reads its
+                  tfds.features.Audio type only with TensorFlow installed).
+  folder:<path>   image (JPEG/PNG) or audio (WAV/FLAC/OGG) files under <path>/<split>
+                  if that folder exists, else under <path>. Files in class subfolders
+                  get the sorted class index as label, otherwise label 0.
 """
 
 from concurrent import futures
+import dataclasses
 import difflib
 import os
 import pathlib
+from typing import Any, Callable
 import zlib
 
 from absl import logging
@@ -40,6 +49,7 @@ SYNTHETIC_SIZE = 10_000
 # Folder names that mark a folder as split into train/test rather than classes.
 SPLIT_FOLDERS = ("train", "test", "val", "validation")
 _PIL_MODES = {1: "L", 3: "RGB"}
+MODALITIES = ("image", "audio")
 
 
 def _record(image: np.ndarray, label: int) -> Record:
@@ -101,22 +111,36 @@ class SyntheticSource:
     return _record(image, rng.integers(self._num_classes))
 
 
+def open_tfds(name: str, split: str, data_dir: str | None) -> Any:
+  """Returns `tfds.data_source(name, split=split)`, or a one-line ValueError saying what to do."""
+  try:
+    # No download: every host of a pod would fetch at once, and preparing needs TensorFlow.
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except NotImplementedError as e:  # tfds' error for data not prepared as ArrayRecord.
+    raise ValueError(f"tfds:{name} is not prepared as ArrayRecord in data_dir={data_dir}; "
+                     f"run `tfds build {name} --file_format=array_record` once.") from e
+  except tfds_registered.DatasetNotFoundError:
+    # tfds lists every registered dataset (hundreds of lines): name the closest few instead.
+    base = name.split(":")[0].split("/")[0]
+    close = difflib.get_close_matches(base, tfds_registered.list_imported_builders(), n=5)
+    raise ValueError(f"data.name tfds:{name}: tfds has no dataset {base!r}"
+                     + (f"; closest: {', '.join(close)}" if close else "")) from None
+  except ModuleNotFoundError as e:
+    # tfds re-raises the import error with its own message: its cause names the module.
+    if "tensorflow" not in (e.name, getattr(e.__cause__, "name", None)):
+      raise
+    # Some feature types still build TensorFlow dtypes when tfds loads the dataset's info, even
+    # for data_source: tfds.features.Audio does (LibriSpeech, speech_commands).
+    raise ValueError(f"tfds:{name} has features that tfds reads only with TensorFlow installed "
+                     f"(tfds.features.Audio is one); install tensorflow-cpu, or export the data "
+                     f"as WAV/FLAC files and use data.name=folder:<path>.") from e
+
+
 class TfdsSource:
   """A tfds ArrayRecord dataset; tfds decodes the images to numpy for us."""
 
   def __init__(self, name: str, split: str, data_dir: str | None, channels: int):
-    try:
-      # No download: every host of a pod would fetch at once, and preparing needs TensorFlow.
-      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except NotImplementedError as e:  # tfds' error for data not prepared as ArrayRecord.
-      raise ValueError(f"tfds:{name} is not prepared as ArrayRecord in data_dir={data_dir}; "
-                       f"run `tfds build {name} --file_format=array_record` once.") from e
-    except tfds_registered.DatasetNotFoundError:
-      # tfds lists every registered dataset (hundreds of lines): name the closest few instead.
-      base = name.split(":")[0].split("/")[0]
-      close = difflib.get_close_matches(base, tfds_registered.list_imported_builders(), n=5)
-      raise ValueError(f"data.name tfds:{name}: tfds has no dataset {base!r}"
-                       + (f"; closest: {', '.join(close)}" if close else "")) from None
+    self._source = open_tfds(name, split, data_dir)
     features = set(self._source.dataset_info.features.keys())
     if missing := {"image", "label"} - features:
       raise ValueError(f"tfds:{name} lacks features {sorted(missing)}; it has {sorted(features)}.")
@@ -139,63 +163,102 @@ def _is_readable(path: pathlib.Path) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+  """The readable files of a folder source in sorted order, and their labels."""
+  files: list[pathlib.Path]
+  labels: list[int]
+  class_names: list[str]  # Empty for a flat folder, whose files all have label 0.
+  num_corrupt: int        # Files left out because `is_readable` rejected them.
+
+
+def list_folder(path: str, split: str, what: str, extensions: tuple[str, ...],
+                is_readable: Callable[[pathlib.Path], bool], on_corrupt: str) -> FolderListing:
+  """Lists the `what` files ('image', 'audio') with `extensions` of split `split` under `path`.
+
+  The files are those under <path>/<split> if that folder exists, else under <path>; labels are
+  the sorted class subfolder index. Every file is checked upfront with `is_readable` (a cheap
+  header check) rather than on access: that keeps the index -> file map fixed and identical on
+  every host, which sharding and exact resume rely on, and it gives the corrupt count before
+  training starts. Unreadable files raise (on_corrupt='error') or are left out ('skip').
+  """
+  if on_corrupt not in ("skip", "error"):
+    raise ValueError(f"on_corrupt={on_corrupt!r}; valid: 'skip', 'error'.")
+  root = pathlib.Path(path).expanduser()
+  if not root.is_dir():
+    raise ValueError(f"folder source: {root} is not an existing directory.")
+  if (root / split).is_dir():
+    root = root / split
+  elif split_dirs := sorted(d.name for d in root.iterdir() if d.name in SPLIT_FOLDERS):
+    # Reading such a folder whole would turn its split folders into classes.
+    raise ValueError(f"folder source: {root} has split folders {split_dirs} "
+                     f"but none for split {split!r}.")
+  # os.walk, unlike Path.rglob, follows symlinked class folders, a common way to build subsets.
+  files = sorted(pathlib.Path(folder, name)
+                 for folder, _, names in os.walk(root, followlinks=True) for name in names
+                 if os.path.splitext(name)[1].lower() in extensions)
+  if not files:
+    raise ValueError(f"folder source: no {what} files ({', '.join(extensions)}) under {root}.")
+
+  # Class folders only when every file sits in one; a flat folder is unlabeled. Labels come
+  # from all files, so a class whose files are all corrupt does not shift the others.
+  relative = [f.relative_to(root).parts for f in files]
+  if all(len(parts) > 1 for parts in relative):
+    class_names = sorted({parts[0] for parts in relative})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[parts[0]] for parts in relative]
+  else:
+    class_names = []
+    labels = [0] * len(files)
+
+  with futures.ThreadPoolExecutor(16) as pool:  # I/O bound: threads overlap the reads.
+    readable = list(pool.map(is_readable, files))
+  corrupt = [f for f, ok in zip(files, readable) if not ok]
+  if corrupt and on_corrupt == "error":
+    raise ValueError(f"folder source: cannot decode {what} file {corrupt[0]} "
+                     f"({len(corrupt)} such files); set on_corrupt='skip' to skip them.")
+  if len(corrupt) == len(files):
+    raise ValueError(f"folder source: every {what} file under {root} is corrupt.")
+  if corrupt:
+    logging.warning("folder source: skipping %d corrupt of %d %s files under %s, e.g. %s.",
+                    len(corrupt), len(files), what, root, corrupt[0])
+  return FolderListing(files=[f for f, ok in zip(files, readable) if ok],
+                       labels=[label for label, ok in zip(labels, readable) if ok],
+                       class_names=class_names, num_corrupt=len(corrupt))
+
+
+def read_first_decodable(files: list[pathlib.Path], index: int, what: str,
+                         read: Callable[[pathlib.Path], Any],
+                         errors: type[Exception], on_corrupt: str) -> tuple[int, Any]:
+  """Returns (i, read(files[i])) for i = index, or, with on_corrupt='skip', the first file after
+  it (wrapping around) whose read raises no `errors`: damage that the upfront header check
+  cannot see. Skipping to the next file keeps the order deterministic."""
+  for offset in range(len(files)):
+    i = (index + offset) % len(files)
+    try:
+      return i, read(files[i])
+    except errors as e:
+      if on_corrupt == "error":
+        raise ValueError(f"folder source: cannot decode {what} file {files[i]}: {e}") from e
+      logging.warning("folder source: skipping corrupt %s file %s: %s", what, files[i], e)
+  raise ValueError(f"folder source: no decodable {what} file among {len(files)}.")
+
+
 class FolderSource:
   """JPEG/PNG files in a folder tree, decoded with Pillow on access.
 
-  Files are checked upfront with `PIL.Image.verify`, which reads headers (and
-  PNG checksums) but does not decode pixels, so it stays cheap for large folders.
-  Checking upfront rather than on access keeps the index -> file map fixed and
-  identical on every host, which sharding and exact resume rely on, and it
-  gives the corrupt count (`num_corrupt`) before training starts. Damage that
-  verify cannot see (truncated JPEG data) surfaces on access: 'error' raises,
-  'skip' substitutes the next file, so the order stays deterministic.
+  Files are checked upfront with `PIL.Image.verify`, which reads headers (and PNG checksums)
+  but does not decode pixels, so it stays cheap for large folders (see `list_folder`). Damage
+  that verify cannot see (truncated JPEG data) surfaces on access: 'error' raises, 'skip'
+  substitutes the next file, so the order stays deterministic.
   """
 
   def __init__(self, path: str, split: str, channels: int, on_corrupt: str):
-    if on_corrupt not in ("skip", "error"):
-      raise ValueError(f"on_corrupt={on_corrupt!r}; valid: 'skip', 'error'.")
-    root = pathlib.Path(path).expanduser()
-    if not root.is_dir():
-      raise ValueError(f"folder source: {root} is not an existing directory.")
-    if (root / split).is_dir():
-      root = root / split
-    elif split_dirs := sorted(d.name for d in root.iterdir() if d.name in SPLIT_FOLDERS):
-      # Reading such a folder whole would turn its split folders into classes.
-      raise ValueError(f"folder source: {root} has split folders {split_dirs} "
-                       f"but none for split {split!r}.")
-    # os.walk, unlike Path.rglob, follows symlinked class folders, a common way to build subsets.
-    files = sorted(pathlib.Path(folder, name)
-                   for folder, _, names in os.walk(root, followlinks=True) for name in names
-                   if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
-    if not files:
-      raise ValueError(f"folder source: no image files "
-                       f"({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
-
-    # Class folders only when every image sits in one; a flat folder is unlabeled. Labels come
-    # from all files, so a class whose files are all corrupt does not shift the others.
-    relative = [f.relative_to(root).parts for f in files]
-    if all(len(parts) > 1 for parts in relative):
-      self.class_names = sorted({parts[0] for parts in relative})
-      index = {name: i for i, name in enumerate(self.class_names)}
-      labels = [index[parts[0]] for parts in relative]
-    else:
-      self.class_names = []
-      labels = [0] * len(files)
-
-    with futures.ThreadPoolExecutor(16) as pool:  # I/O bound: threads overlap the reads.
-      readable = list(pool.map(_is_readable, files))
-    corrupt = [f for f, ok in zip(files, readable) if not ok]
-    if corrupt and on_corrupt == "error":
-      raise ValueError(f"folder source: cannot decode image file {corrupt[0]} "
-                       f"({len(corrupt)} such files); set on_corrupt='skip' to skip them.")
-    if len(corrupt) == len(files):
-      raise ValueError(f"folder source: every image file under {root} is corrupt.")
-    if corrupt:
-      logging.warning("folder source: skipping %d corrupt of %d image files under %s, e.g. %s.",
-                      len(corrupt), len(files), root, corrupt[0])
-    self.num_corrupt = len(corrupt)
-    self._files = [f for f, ok in zip(files, readable) if ok]
-    self._labels = [label for label, ok in zip(labels, readable) if ok]
+    listing = list_folder(path, split, "image", IMAGE_EXTENSIONS, _is_readable, on_corrupt)
+    self.class_names = listing.class_names
+    self.num_corrupt = listing.num_corrupt
+    self._files = listing.files
+    self._labels = listing.labels
     self._channels = channels
     self._on_corrupt = on_corrupt
 
@@ -203,29 +266,63 @@ class FolderSource:
     return len(self._files)
 
   def __getitem__(self, index: int) -> Record:
-    for offset in range(len(self._files)):
-      i = (index + offset) % len(self._files)
-      try:
-        with Image.open(self._files[i]) as image:
-          return _record(_pil_to_array(image, self._channels), self._labels[i])
-      except OSError as e:
-        if self._on_corrupt == "error":
-          raise ValueError(f"folder source: cannot decode image file {self._files[i]}: {e}") from e
-        logging.warning("folder source: skipping corrupt image file %s: %s", self._files[i], e)
-    raise ValueError(f"folder source: no decodable image file among {len(self._files)}.")
+    i, image = read_first_decodable(self._files, index, "image", self._decode, OSError,
+                                    self._on_corrupt)
+    return _record(image, self._labels[i])
+
+  def _decode(self, path: pathlib.Path) -> np.ndarray:
+    with Image.open(path) as image:
+      return _pil_to_array(image, self._channels)
+
+
+def _modality(d: ml_collections.ConfigDict) -> str:
+  # Image configs written before audio existed have no data.modality.
+  return d.get("modality", "image")
+
+
+# The audio builders import their modules on use: those modules import this one's folder and
+# tfds helpers, and image runs need not load scipy, libsndfile or eSpeak NG.
+
+
+def _spoken_digits(arg, d, split, image_size):
+  from mim_jax.data import spoken_digits
+  return spoken_digits.SpokenDigitsSource(split, d.sample_rate)
+
+
+def _synthetic(arg, d, split, image_size):
+  if _modality(d) == "audio":
+    from mim_jax.data import audio_sources
+    return audio_sources.SyntheticAudioSource(split, d.clip_seconds, d.sample_rate,
+                                              d.num_classes)
+  return SyntheticSource(split, image_size, d.channels, d.num_classes)
+
+
+def _tfds(arg, d, split, image_size):
+  data_dir = d.tfds_data_dir or None  # '' or None both mean tfds' default data dir.
+  if _modality(d) == "audio":
+    from mim_jax.data import audio_sources
+    return audio_sources.TfdsAudioSource(arg, split, data_dir, d.sample_rate)
+  return TfdsSource(arg, split, data_dir, d.channels)
+
+
+def _folder(arg, d, split, image_size):
+  if _modality(d) == "audio":
+    from mim_jax.data import audio_sources
+    return audio_sources.AudioFolderSource(arg, split, d.sample_rate, d.on_corrupt)
+  return FolderSource(arg, split, d.channels, d.on_corrupt)
 
 
 # Source kind (the part of data.name before ':') -> builder(arg, data_config, split, image_size),
-# where arg is the part after ':'.
+# where arg is the part after ':'. A builder serving both modalities picks by data.modality.
 SOURCES = registry.Registry("data source", {
     "digits": lambda arg, d, split, image_size: DigitsSource(split, d.channels),
-    "synthetic": lambda arg, d, split, image_size: SyntheticSource(
-        split, image_size, d.channels, d.num_classes),
-    # '' or None both mean tfds' default data dir.
-    "tfds": lambda arg, d, split, image_size: TfdsSource(
-        arg, split, d.tfds_data_dir or None, d.channels),
-    "folder": lambda arg, d, split, image_size: FolderSource(arg, split, d.channels, d.on_corrupt),
+    "spoken_digits": _spoken_digits,
+    "synthetic": _synthetic,
+    "tfds": _tfds,
+    "folder": _folder,
 })
+# The kinds that serve one modality only; the others serve both.
+_ONLY_MODALITY = {"digits": "image", "spoken_digits": "audio"}
 # The kinds that take an argument after ':', and what it is; the others take none.
 _ARGUMENTS = {"tfds": "<name>", "folder": "<path>"}
 VALID_NAMES = tuple(f"{kind}:{_ARGUMENTS[kind]}" if kind in _ARGUMENTS else kind
@@ -242,9 +339,16 @@ def check_name(name: str) -> None:
 
 def get_source(data_config: ml_collections.ConfigDict, split: str,
                image_size: int) -> grain.sources.RandomAccessDataSource[Record]:
-  """Returns the random-access source named by `data_config.name` for `split`."""
+  """Returns the random-access source named by `data_config.name` for `split`, of the
+  modality `data_config.modality` ('image' when absent)."""
   check_name(data_config.name)
-  if data_config.channels not in _PIL_MODES:
-    raise ValueError(f"data.channels={data_config.channels}; valid: 1 (grayscale), 3 (RGB).")
+  modality = _modality(data_config)
+  if modality not in MODALITIES:
+    raise ValueError(f"data.modality={modality!r}; valid: 'image', 'audio'.")
   kind, _, arg = data_config.name.partition(":")
+  if _ONLY_MODALITY.get(kind, modality) != modality:
+    raise ValueError(f"data.name {data_config.name!r} is {_ONLY_MODALITY[kind]} data but "
+                     f"data.modality={modality!r}; set data.modality={_ONLY_MODALITY[kind]!r}.")
+  if modality == "image" and data_config.channels not in _PIL_MODES:
+    raise ValueError(f"data.channels={data_config.channels}; valid: 1 (grayscale), 3 (RGB).")
   return SOURCES[kind](arg, data_config, split, image_size)

@@ -7,6 +7,7 @@ An encoder file defines `build(config) -> flax module`; register it in `ENCODERS
 import flax.linen as nn
 import ml_collections
 
+from mim_jax.models import conformer
 from mim_jax.models import crate
 from mim_jax.models import swin
 from mim_jax.models import vit
@@ -16,7 +17,8 @@ from mim_jax.registry import Registry
 
 __all__ = ["ENCODERS", "attention_impl", "build_encoder", "dtype", "names", "patch_grid"]
 
-ENCODERS = Registry("model", {"crate": crate.build, "swin": swin.build, "vit": vit.build})
+ENCODERS = Registry("model", {"conformer": conformer.build, "crate": crate.build,
+                              "swin": swin.build, "vit": vit.build})
 
 
 def names() -> list[str]:

@@ -58,17 +58,23 @@ def expected_shapes(config: ml_collections.ConfigDict, *, encoder_only: bool = F
                     ) -> dict[str, jax.ShapeDtypeStruct]:
   """{'encoder/blocks/block_0/attn/qkv/kernel': ShapeDtypeStruct, ...} of the config's method
   (with `encoder_only`, of its encoder alone, built by `models.build_encoder`, so a fine-tuning
-  config without a method works too), computed with `jax.eval_shape`: nothing is allocated."""
-  images = jax.ShapeDtypeStruct(
-      (1, config.image_size, config.image_size, config.data.channels), jnp.float32)
+  config without a method works too), computed with `jax.eval_shape`: nothing is allocated.
+  A speech encoder's shapes are read off its method's (the encoder has no image input)."""
   rngs = lambda rng: {"params": rng, "mask": rng, "dropout": rng}
-  if encoder_only:
+  if encoder_only and _is_image(config):
+    images = jax.ShapeDtypeStruct(
+        (1, config.image_size, config.image_size, config.data.channels), jnp.float32)
     encoder = models.build_encoder(config)
     init = lambda rng, images: {"encoder": encoder.init(rngs(rng), images)["params"]}
     return tree_paths.flatten(jax.eval_shape(init, jax.random.key(0), images))
   model = methods.build(config)
-  return tree_paths.flatten(jax.eval_shape(lambda rng: methods.init_params(model, config, rng),
+  flat = tree_paths.flatten(jax.eval_shape(lambda rng: methods.init_params(model, config, rng),
                                            jax.random.key(0)))
+  return {k: v for k, v in flat.items() if k.startswith("encoder/") or not encoder_only}
+
+
+def _is_image(config: ml_collections.ConfigDict) -> bool:
+  return config.data.get("modality", "image") == "image"
 
 
 def resample_posemb(table: np.ndarray, new_grid: tuple[int, int],
@@ -107,7 +113,8 @@ def _load(source: str, config: ml_collections.ConfigDict, *, encoder_only: bool
   check_source(source)
   expected = expected_shapes(config, encoder_only=encoder_only)
   encoder = models.build_encoder(config)
-  grid = (config.image_size // encoder.patch, config.image_size // encoder.patch)
+  # The patch grid, for position tables (a speech encoder has none).
+  grid = ((config.image_size // encoder.patch,) * 2) if _is_image(config) else None
   if epath.Path(source).is_dir():
     flat, origin = _read_workdir(source), f"the workdir {source}"
     flat = _fit_learned_posemb(flat, flat.pop(ENCODER_POSEMB, None), expected, grid)
@@ -139,9 +146,10 @@ def _check(flat: dict[str, np.ndarray], expected: dict[str, Any], origin: str,
                  "reads just the encoder")
   if ENCODER_POSEMB in saved and ENCODER_POSEMB not in current:
     hints.append("it has learned position embeddings: set model.posemb='learned' to use them")
+  at = f" at {config.image_size} px" if _is_image(config) else ""
   raise checkpoint.CheckpointMismatchError(
       f"{origin} does not fit the model of this config ({config.model.name} "
-      f"{config.model.variant} at {config.image_size} px): "
+      f"{config.model.variant}{at}): "
       f"{checkpoint.describe_mismatch(saved, current)}"
       + "".join(f". Hint: {h}" for h in hints))
 

@@ -62,9 +62,10 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
 
   Batches are dicts of arrays with a leading axis B = batch_size // process_count: for images
   {"image": float32 [B, S, S, C] normalised, "label": int32 [B]}; for audio {"audio": float32
-  [B, L], "audio_len": int32 [B] (real samples), "label": int32 [B]}. Each process reads every process_count-th example of the
-  source, reshuffled each epoch. The order is a function of config.seed and the process alone,
-  and the iterator's get_state() / set_state() resume it exactly.
+  [B, L], "audio_len": int32 [B] (real samples), "label": int32 [B]}. Each process reads every
+  process_count-th example of the source, reshuffled each epoch. The order is a function of
+  config.seed and the process alone, and the iterator's get_state() / set_state() resume it
+  exactly.
   The process defaults are read at call time, i.e. after jax.distributed.initialize.
   """
   process_index = jax.process_index() if process_index is None else process_index

@@ -35,8 +35,11 @@ demo: $(VENV)/.installed
 	$(PY) -m mim_jax.tools.plot --workdir=$(DEMO_DIR)
 	@echo "reconstruction grid: $(DEMO_DIR)/reconstruction.png   curves: $(DEMO_DIR)/plots/   metrics: $(DEMO_DIR)/metrics.jsonl"
 
+# Two pytest workers (pytest-xdist), one per core of the 2-core CI machine: most of the suite's
+# time is XLA compilation, which runs on one thread. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: $(VENV)/.installed
 	$(PY) -m mim_jax.bench --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128

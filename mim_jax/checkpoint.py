@@ -8,6 +8,7 @@ compared with the model being trained, so a workdir from a different model is re
 than silently overwritten.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -23,9 +24,15 @@ from mim_jax import tree_paths
 # save. Only arrays of at least 1 MiB per replica's slice are split; smaller ones are written
 # whole by one replica, as orbax does for arrays that are not replicated.
 MIN_REPLICA_SLICE_BYTES = 2 ** 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+_absl_logger = logging.getLogger("absl")
+_level = _absl_logger.level
+_absl_logger.setLevel(logging.ERROR)  # orbax warns on every override; this one is on purpose
+try:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+finally:
+  _absl_logger.setLevel(_level)
 
 
 class CheckpointMismatchError(ValueError):

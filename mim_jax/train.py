@@ -7,6 +7,7 @@ same code runs on one CPU, a multi-GPU host or a TPU pod: the step is a single `
 global mesh, and each process feeds its own shard of the batch.
 """
 
+import inspect
 import signal
 from typing import Any, Callable
 
@@ -90,14 +91,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
   and scalar metrics. The state is donated so its buffers are reused in place. Randomness is
   fold_in(rng, step), so a resumed run draws the same masks without saving any rng state."""
 
-  def loss_fn(params, batch: dict[str, jax.Array], step_rng: jax.Array):
-    return model.apply({"params": params}, **batch, train=True,
+  # A method whose loss depends on training progress (an annealed temperature, a ramp) takes
+  # the step as a keyword argument `step` (int32 scalar, 0 at the first update).
+  takes_step = "step" in inspect.signature(type(model).__call__).parameters
+
+  def loss_fn(params, batch: dict[str, jax.Array], step_rng: jax.Array, step: jax.Array):
+    progress = {"step": step} if takes_step else {}
+    return model.apply({"params": params}, **batch, **progress, train=True,
                        rngs={"mask": step_rng, "dropout": jax.random.fold_in(step_rng, 1)})
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                       step_rng)
+                                                                       step_rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}

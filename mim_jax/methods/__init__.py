@@ -3,7 +3,9 @@
 A method file defines four functions:
   build(config) -> flax module. Its `__call__(<inputs>, *, train)` takes the batch arrays as
       keyword arguments named as in `inputs` and returns `(loss, metrics)`, drawing randomness
-      from the 'mask' (and 'dropout') rng streams. It also offers `features(**inputs) -> aux`
+      from the 'mask' (and 'dropout') rng streams; a `__call__` with a keyword argument `step`
+      also gets the int32 training step (for annealed temperatures and ramps; methods must
+      default it for evaluation). It also offers `features(**inputs) -> aux`
       for the evaluators, taking the eval records' arrays but the label as keywords (e.g.
       `image`, or `audio` and `audio_len`), and, where it reconstructs pixels,
       `reconstruct(images) -> dict of images` for the PNG grid;

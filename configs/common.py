@@ -6,6 +6,8 @@ method sections itself and takes the rest from here, passing the values its pape
 The fields and their meaning are the trainer's contract; each is commented once, here.
 """
 
+import os
+
 import ml_collections
 
 # Training-set sizes, to turn a paper's epochs into steps.
@@ -46,10 +48,29 @@ def parse_decoder(spec: str) -> tuple[int, int]:
   return int(depth), int(width)
 
 
-def steps_per_epoch(data: str, batch_size: int) -> int:
-  """Steps in one pass over the training set (ImageNet-1k's size for sources of unknown size).
-  A batch size below 1 gives 1 step: config validation then reports the batch size itself."""
-  return max(1, TRAIN_EXAMPLES.get(data, 1_281_167) // max(batch_size, 1))
+def count_folder_files(data: str, extensions: tuple[str, ...]) -> int | None:
+  """The number of files with `extensions` that a 'folder:<path>' source trains on
+  (<path>/train if it exists, else <path>), or None for another source or a missing folder
+  (the source reports that itself). Counting file names is cheap next to training on them."""
+  kind, _, path = data.partition(":")
+  root = os.path.expanduser(path)
+  if kind != "folder" or not os.path.isdir(root):
+    return None
+  if os.path.isdir(os.path.join(root, "train")):
+    root = os.path.join(root, "train")
+  return sum(name.lower().endswith(extensions)
+             for _, _, names in os.walk(root, followlinks=True) for name in names)
+
+
+def steps_per_epoch(data: str, batch_size: int, *, default_examples: int = 1_281_167,
+                    known: dict[str, int] | None = None,
+                    extensions: tuple[str, ...] = (".jpeg", ".jpg", ".png")) -> int:
+  """Steps in one pass over the training set: its size where known (the embedded sets, a
+  folder's file count), else `default_examples` (ImageNet-1k's size). A batch size below 1 gives
+  1 step: config validation then reports the batch size itself."""
+  examples = ({**TRAIN_EXAMPLES, **(known or {})}.get(data)
+              or count_folder_files(data, extensions) or default_examples)
+  return max(1, examples // max(batch_size, 1))
 
 
 def data_config(name: str) -> ml_collections.ConfigDict:
@@ -68,6 +89,9 @@ def data_config(name: str) -> ml_collections.ConfigDict:
   d.std = (0.5,) if digits else RGB_STD
   d.on_corrupt = "error"         # folder sources: 'error' stops on an undecodable file,
                                  # 'skip' counts it.
+  d.holdout = 0.05               # folder sources without split folders: this share of each
+                                 # class is held out of data.split as the eval split (0 = refuse
+                                 # to evaluate: never evaluate on the training files).
   d.tfds_data_dir = ""           # '' = tfds default (~/tensorflow_datasets).
   d.num_workers = 0              # grain worker processes; 0 reads in the training process.
   return d

@@ -5,13 +5,18 @@ the modality (optimizer, sharding, checkpoints, evals) come from configs/common.
 
 import ml_collections
 
+from configs import common
+
 # Training-set sizes in utterances, to turn a paper's epochs into steps.
 TRAIN_UTTERANCES = {"spoken_digits": 500, "tfds:librispeech": 281_241}
 
 
 def steps_per_epoch(data: str, batch_size: int) -> int:
-  """Steps in one pass over the training set (LibriSpeech 960 h for sources of unknown size)."""
-  return max(1, TRAIN_UTTERANCES.get(data, 281_241) // max(batch_size, 1))
+  """Steps in one pass over the training set: its size where known (spoken digits, a folder's
+  audio files), else LibriSpeech 960 h's."""
+  return common.steps_per_epoch(data, batch_size, default_examples=281_241,
+                                known=TRAIN_UTTERANCES,
+                                extensions=(".wav", ".flac", ".ogg"))
 
 
 def audio_data_config(name: str, *, clip_seconds: float) -> ml_collections.ConfigDict:
@@ -30,6 +35,9 @@ def audio_data_config(name: str, *, clip_seconds: float) -> ml_collections.Confi
   d.num_classes = 10 if digits else 1
   d.on_corrupt = "error"         # folder sources: 'error' stops on an unreadable file,
                                  # 'skip' counts it.
+  d.holdout = 0.05               # folder sources without split folders: this share of each
+                                 # class is held out of data.split as the eval split (0 = refuse
+                                 # to evaluate: never evaluate on the training files).
   d.tfds_data_dir = ""           # '' = tfds default (~/tensorflow_datasets).
   d.num_workers = 0              # grain worker processes; 0 reads in the training process.
   return d
@@ -76,7 +84,7 @@ def conformer_model_config(variant: str) -> ml_collections.ConfigDict:
 def frame_mask_config(name: str) -> ml_collections.ConfigDict:
   """Masks over frames (mim_jax/frame_masking.py), by name, with every generator's knobs."""
   m = ml_collections.ConfigDict()
-  m.name = name                  # span | bestrq (frame_masking.GENERATORS).
+  m.name = name                  # span | bestrq | tera (frame_masking.GENERATORS).
   # wav2vec 2.0 (Baevski et al. 2020, sec. 4.2): spans of 10 frames, start probability 0.065.
   m.span = ml_collections.ConfigDict()
   m.span.start_prob = 0.065
@@ -87,4 +95,18 @@ def frame_mask_config(name: str) -> ml_collections.ConfigDict:
   m.bestrq.start_prob = 0.01
   m.bestrq.length = 40
   m.bestrq.min_spans = 1
+  # TERA's time alteration (Liu et al. 2021, sec. III-A): spans of 7 frames over 15% of the
+  # real frames; the method then zeroes, replaces or keeps them.
+  m.tera = ml_collections.ConfigDict()
+  m.tera.share = 0.15
+  m.tera.length = 7
+  m.tera.min_spans = 0
+  # Feature alterations (frame_masking.ALTERATIONS), applied by the methods that list them.
+  # TERA's frequency alteration (sec. III-B): one band of 0 to 20% of the mel bins set to 0.
+  m.tera_frequency = ml_collections.ConfigDict()
+  m.tera_frequency.max_share = 0.2
+  # TERA's magnitude alteration (sec. III-C): Gaussian noise (std 0.2) on 15% of utterances.
+  m.tera_magnitude = ml_collections.ConfigDict()
+  m.tera_magnitude.prob = 0.15
+  m.tera_magnitude.std = 0.2
   return m

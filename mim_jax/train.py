@@ -229,6 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.method.name, config.model.variant, num_params / 1e6, jax.device_count(),
                jax.process_count())
 
+  if config.optim.warmup_steps > config.total_steps:
+    logging.warning("optim.warmup_steps %d is more than total_steps %d: the learning rate "
+                    "never reaches its peak; lower --config.optim.warmup_steps",
+                    config.optim.warmup_steps, config.total_steps)
+
   # State: the newest checkpoint, or a fresh (possibly pretrained) one.
   init_from.check(config, workdir)  # before the checkpoint directory is created
   ckpt, state, last_saved = restore_or_create(

@@ -25,7 +25,8 @@ def make_config(name: str = "digits", channels: int = 1, **data) -> ml_collectio
   c.data = ml_collections.ConfigDict(dict(
       name=name, split="train", eval_split="test", channels=channels, num_classes=10,
       crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, on_corrupt="error",
-      tfds_data_dir="", num_workers=0, mean=(0.5,) * channels, std=(0.5,) * channels))
+      holdout=0.0, tfds_data_dir="", num_workers=0, mean=(0.5,) * channels,
+      std=(0.5,) * channels))
   c.lock()  # A misspelt field in `data` raises instead of being added.
   c.data.update(data)
   return c
@@ -334,3 +335,81 @@ def test_unknown_name_lists_valid_forms():
 def test_no_tensorflow_imported():
   # Runs after the tests above, which exercised every source: none may pull in TensorFlow.
   assert "tensorflow" not in sys.modules
+
+
+# ---------------------------------------------------------------- image modes and hold-out
+
+
+def saved_png(path: pathlib.Path, image: Image.Image) -> pathlib.Path:
+  image.save(path, format="PNG")
+  return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_modes_decode_to_the_expected_pixels(tmp_path, channels):
+  """16-bit grayscale is scaled to 8 bits (not clipped to white), alpha is composited on
+  black, palettes keep their colours, CMYK goes through Pillow's conversion."""
+  gray16 = np.array([[0, 257, 32896], [65535, 1000, 51400]], np.uint16)
+  rgba = np.zeros((2, 3, 4), np.uint8)
+  rgba[0] = [[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128]]
+  rgba[1] = [[10, 20, 30, 255], [255, 255, 255, 51], [0, 0, 0, 0]]
+  palette = Image.new("P", (3, 2))
+  palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+  palette.putdata([0, 1, 2, 2, 1, 0])
+  cmyk = Image.new("CMYK", (3, 2), (0, 255, 255, 0))  # pure red in Pillow's conversion
+  want_rgb = {
+      "gray16": np.stack([np.round(gray16 / 257).astype(np.uint8)] * 3, -1),
+      "rgba": np.round(rgba[..., :3] * (rgba[..., 3:] / 255)).astype(np.uint8),
+      "palette": np.array([[[0, 0, 0], [255, 0, 0], [0, 0, 255]],
+                           [[0, 0, 255], [255, 0, 0], [0, 0, 0]]], np.uint8),
+      "cmyk": np.broadcast_to(np.array([255, 0, 0], np.uint8), (2, 3, 3)),
+  }
+  images = {"gray16": Image.fromarray(gray16), "rgba": Image.fromarray(rgba, "RGBA"),
+            "palette": palette, "cmyk": cmyk}
+  assert images["gray16"].mode.startswith("I")
+  for i, (name, image) in enumerate(images.items()):
+    folder = tmp_path / name
+    folder.mkdir()
+    if name == "cmyk":  # PNG has no CMYK: JPEG does (lossy, so compare loosely below).
+      image.save(folder / "0.jpg", format="JPEG", quality=100)
+    else:
+      saved_png(folder / "0.png", image)
+    got = get_source(make_config(f"folder:{folder}", channels=channels).data, "train",
+                     16)[0]["image"]
+    want = want_rgb[name]
+    if channels == 1:
+      want = np.asarray(Image.fromarray(want, "RGB").convert("L"))[..., None]
+    tolerance = 3 if name == "cmyk" else 0
+    np.testing.assert_allclose(got.astype(int), want.astype(int), atol=tolerance, err_msg=name)
+  # The bug this guards against: Pillow's own conversion clips 16-bit values at 255.
+  assert (np.asarray(images["gray16"].convert("L"))[1] == 255).all()
+
+
+def test_unsplit_folder_holds_out_a_stratified_share_for_evaluation(tmp_path):
+  """A folder without split folders is never evaluated on its training files: data.holdout of
+  each class is held out of the training split, deterministically; with 0, evaluating is
+  refused with a message naming the fix."""
+  for label in ("cat", "dog"):
+    for i in range(20):
+      write_image(tmp_path / label / f"{i}.png", i, size=(4, 4))
+  config = make_config(f"folder:{tmp_path}", channels=3)
+  with pytest.raises(ValueError, match="data.holdout"):
+    get_source(config.data, "test", 16)
+  config = make_config(f"folder:{tmp_path}", channels=3, holdout=0.1)
+  train, test = (get_source(config.data, split, 16) for split in ("train", "test"))
+  assert (len(train), len(test)) == (36, 4)
+  assert sorted(int(test[i]["label"]) for i in range(4)) == [0, 0, 1, 1]  # stratified
+  train_files, test_files = set(map(str, train._files)), set(map(str, test._files))
+  assert not train_files & test_files and len(train_files | test_files) == 40
+  again = get_source(config.data, "test", 16)
+  assert list(map(str, again._files)) == list(map(str, test._files))  # deterministic
+
+
+def test_run_length_follows_a_folders_size(tmp_path):
+  """runlocal on a folder: epochs turn into steps by the folder's file count, not ImageNet's."""
+  from configs import mae_vit  # pylint: disable=g-import-not-at-top
+  for i in range(300):
+    write_image(tmp_path / "train" / str(i % 3) / f"{i}.png", i, size=(2, 2))
+  config = mae_vit.get_config(f"runlocal,data=folder:{tmp_path}")
+  # 25 epochs of 300 // 128 = 2 steps, 3 warmup epochs: not 250,225 steps and 30,027 warmup.
+  assert (config.total_steps, config.optim.warmup_steps) == (50, 6)

@@ -105,9 +105,10 @@ class AudioFolderSource(AudioSource):
   surfaces on access: 'error' raises naming the file, 'skip' substitutes the next file.
   """
 
-  def __init__(self, path: str, split: str, sample_rate: int, on_corrupt: str):
+  def __init__(self, path: str, split: str, sample_rate: int, on_corrupt: str,
+               holdout: sources.Holdout = sources.Holdout()):
     listing = sources.list_folder(path, split, "audio", AUDIO_EXTENSIONS, _is_readable,
-                                  on_corrupt)
+                                  on_corrupt, holdout)
     self.class_names = listing.class_names
     self.num_corrupt = listing.num_corrupt
     self._files = listing.files

@@ -56,8 +56,31 @@ def _record(image: np.ndarray, label: int) -> Record:
   return {"image": image, "label": np.int32(label)}
 
 
+# Pillow modes of 16-bit grayscale ('I': 32-bit ints, how older Pillow opens 16-bit PNGs).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """An 8-bit image ('L', 'RGB' or another mode Pillow converts to them correctly) of the same
+  content. Pillow's own conversions get two cases wrong for training: 16-bit grayscale becomes
+  L by clipping at 255 (a 16-bit PNG turns all white), and dropping alpha keeps the colour of
+  transparent pixels. So 16-bit values are scaled to 8 bits (v / 257, 65535 -> 255), and images
+  with alpha (RGBA, LA, palettes with transparency) are composited on black. CMYK and the rest
+  go through Pillow's conversion."""
+  if image.mode in _SIXTEEN_BIT:
+    array = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(array / 257), 0, 255).astype(np.uint8), "L")
+  if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
+    image = image.convert("RGBA")
+  if image.mode in ("RGBA", "LA", "RGBa", "La"):
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+    rgb = rgba[..., :3] * (rgba[..., 3:] / 255)  # over black
+    return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+  return image
+
+
 def _pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
-  array = np.asarray(image.convert(_PIL_MODES[channels]), dtype=np.uint8)
+  array = np.asarray(to_8bit(image).convert(_PIL_MODES[channels]), dtype=np.uint8)
   return array.reshape(array.shape[:2] + (channels,))
 
 
@@ -172,12 +195,48 @@ class FolderListing:
   num_corrupt: int        # Files left out because `is_readable` rejected them.
 
 
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+  """How a folder without split folders serves an evaluation split: `share` of each class
+  (0 = refuse) is held out of `train_split` and forms every other split."""
+  share: float = 0.0
+  train_split: str = "train"
+
+  @classmethod
+  def from_config(cls, d: ml_collections.ConfigDict) -> "Holdout":
+    share = d.get("holdout", 0.0)
+    if not 0.0 <= share < 1.0:
+      raise ValueError(f"data.holdout must be in [0, 1), got {share}")
+    return cls(share, d.get("split", "train"))
+
+
+def held_out(files: list[pathlib.Path], labels: list[int], root: pathlib.Path,
+             share: float) -> list[bool]:
+  """A deterministic, stratified hold-out: in each class, the round(share * n) files (at least
+  one when share > 0 and the class has two or more) whose relative paths hash lowest. A hash
+  rather than a position keeps a file on its side when others are added or removed."""
+  out = [False] * len(files)
+  by_class: dict[int, list[int]] = {}
+  for i, label in enumerate(labels):
+    by_class.setdefault(label, []).append(i)
+  for members in by_class.values():
+    count = min(max(round(share * len(members)), 1 if len(members) > 1 else 0),
+                len(members) - 1)
+    key = lambda i: zlib.crc32(str(files[i].relative_to(root)).encode())
+    for i in sorted(members, key=key)[:count]:
+      out[i] = True
+  return out
+
+
 def list_folder(path: str, split: str, what: str, extensions: tuple[str, ...],
-                is_readable: Callable[[pathlib.Path], bool], on_corrupt: str) -> FolderListing:
+                is_readable: Callable[[pathlib.Path], bool], on_corrupt: str,
+                holdout: Holdout = Holdout()) -> FolderListing:
   """Lists the `what` files ('image', 'audio') with `extensions` of split `split` under `path`.
 
   The files are those under <path>/<split> if that folder exists, else under <path>; labels are
-  the sorted class subfolder index. Every file is checked upfront with `is_readable` (a cheap
+  the sorted class subfolder index. A folder without split folders is never evaluated on its own
+  training files: `holdout.share` of each class is held out of the training split and is every
+  other split (logged), or, with a share of 0, any other split is refused. Every file is checked upfront with `is_readable` (a cheap
   header check) rather than on access: that keeps the index -> file map fixed and identical on
   every host, which sharding and exact resume rely on, and it gives the corrupt count before
   training starts. Unreadable files raise (on_corrupt='error') or are left out ('skip').
@@ -187,12 +246,20 @@ def list_folder(path: str, split: str, what: str, extensions: tuple[str, ...],
   root = pathlib.Path(path).expanduser()
   if not root.is_dir():
     raise ValueError(f"folder source: {root} is not an existing directory.")
+  unsplit = False
   if (root / split).is_dir():
     root = root / split
   elif split_dirs := sorted(d.name for d in root.iterdir() if d.name in SPLIT_FOLDERS):
     # Reading such a folder whole would turn its split folders into classes.
     raise ValueError(f"folder source: {root} has split folders {split_dirs} "
                      f"but none for split {split!r}.")
+  else:
+    unsplit = True
+    if split != holdout.train_split and not holdout.share:
+      raise ValueError(f"folder source: {root} has no {split!r} folder, and evaluating on the "
+                       f"training files would measure memory, not generalisation: set "
+                       f"data.holdout (e.g. 0.05 holds out 5% of each class) or add "
+                       f"{root / split}")
   # os.walk, unlike Path.rglob, follows symlinked class folders, a common way to build subsets.
   files = sorted(pathlib.Path(folder, name)
                  for folder, _, names in os.walk(root, followlinks=True) for name in names
@@ -210,6 +277,15 @@ def list_folder(path: str, split: str, what: str, extensions: tuple[str, ...],
   else:
     class_names = []
     labels = [0] * len(files)
+  if unsplit and holdout.share:
+    out = held_out(files, labels, root, holdout.share)
+    keep = [o == (split != holdout.train_split) for o in out]
+    logging.info("folder source: %s has no split folders: %d of its %d %s files (%.0f%% of "
+                 "each class, data.holdout) are held out of %r as split %r.", root, sum(out),
+                 len(files), what, 100 * holdout.share, holdout.train_split,
+                 split if split != holdout.train_split else "the others")
+    files = [f for f, k in zip(files, keep) if k]
+    labels = [label for label, k in zip(labels, keep) if k]
 
   with futures.ThreadPoolExecutor(16) as pool:  # I/O bound: threads overlap the reads.
     readable = list(pool.map(is_readable, files))
@@ -253,8 +329,10 @@ class FolderSource:
   substitutes the next file, so the order stays deterministic.
   """
 
-  def __init__(self, path: str, split: str, channels: int, on_corrupt: str):
-    listing = list_folder(path, split, "image", IMAGE_EXTENSIONS, _is_readable, on_corrupt)
+  def __init__(self, path: str, split: str, channels: int, on_corrupt: str,
+               holdout: Holdout = Holdout()):
+    listing = list_folder(path, split, "image", IMAGE_EXTENSIONS, _is_readable, on_corrupt,
+                          holdout)
     self.class_names = listing.class_names
     self.num_corrupt = listing.num_corrupt
     self._files = listing.files
@@ -308,8 +386,9 @@ def _tfds(arg, d, split, image_size):
 def _folder(arg, d, split, image_size):
   if _modality(d) == "audio":
     from mim_jax.data import audio_sources
-    return audio_sources.AudioFolderSource(arg, split, d.sample_rate, d.on_corrupt)
-  return FolderSource(arg, split, d.channels, d.on_corrupt)
+    return audio_sources.AudioFolderSource(arg, split, d.sample_rate, d.on_corrupt,
+                                           Holdout.from_config(d))
+  return FolderSource(arg, split, d.channels, d.on_corrupt, Holdout.from_config(d))
 
 
 # Source kind (the part of data.name before ':') -> builder(arg, data_config, split, image_size),

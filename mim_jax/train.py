@@ -27,6 +27,7 @@ from mim_jax import init_from
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import workdir_lock
 from mim_jax.data import pipeline
 from mim_jax.evaluators import final
 from mim_jax.evaluators import suite
@@ -209,7 +210,16 @@ def restore_or_create(config: ml_collections.ConfigDict, workdir: str, abstract:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in workdir), then runs the final evals.
   Returns the last logged metrics and the eval results (also written to workdir/results.json;
-  rerunning a finished run returns them without training or evaluating again)."""
+  rerunning a finished run returns them without training or evaluating again). Process 0 holds
+  the workdir's lock throughout: a second run on the same workdir is refused, naming this one."""
+  init_from.check(config, workdir)  # before anything is written: a typo leaves no workdir
+  if jax.process_index() != 0:
+    return _train_and_evaluate(config, workdir)
+  with workdir_lock.hold(workdir, log=logging.warning):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Installed first, so a preemption during start-up or compilation is not lost either.
   preemption = PreemptionWatcher()
 
@@ -235,7 +245,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     config.optim.warmup_steps, config.total_steps)
 
   # State: the newest checkpoint, or a fresh (possibly pretrained) one.
-  init_from.check(config, workdir)  # before the checkpoint directory is created
   ckpt, state, last_saved = restore_or_create(
       config, workdir, abstract, iterator,
       lambda: create_state(model, tx, config, mesh, init_rng)[0])

@@ -31,6 +31,7 @@ from mim_jax import models
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
+from mim_jax import workdir_lock
 from mim_jax.data import pipeline
 from conftest import MICRO_MAE, REPO, run_module, subprocess_env
 
@@ -139,9 +140,11 @@ def read_tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]
 
 
 def snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int, str]]:
+  """Size, mtime and hash of every file, but the workdir lock (which every run takes)."""
   return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns,
                                           hashlib.sha256(p.read_bytes()).hexdigest())
-          for p in sorted(directory.rglob("*")) if p.is_file()}
+          for p in sorted(directory.rglob("*"))
+          if p.is_file() and p.name != workdir_lock.LOCK_FILE}
 
 
 def make_config(overrides: dict, arg: str = ARG):

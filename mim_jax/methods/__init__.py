@@ -36,8 +36,6 @@ from mim_jax.methods import mae
 from mim_jax.methods import position
 from mim_jax.methods import simmim
 from mim_jax.methods import tera
-from mim_jax.methods import w2v_bert
-from mim_jax.methods import wav2vec2
 from mim_jax.registry import Registry
 
 METHODS: Registry = Registry("method", {
@@ -50,8 +48,6 @@ METHODS: Registry = Registry("method", {
     "position": position,
     "simmim": simmim,
     "tera": tera,
-    "w2v_bert": w2v_bert,
-    "wav2vec2": wav2vec2,
 })
 
 

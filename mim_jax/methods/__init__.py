@@ -34,9 +34,6 @@ from mim_jax.methods import finetune
 from mim_jax.methods import mae
 from mim_jax.methods import position
 from mim_jax.methods import simmim
-from mim_jax.methods import tera
-from mim_jax.methods import w2v_bert
-from mim_jax.methods import wav2vec2
 from mim_jax.registry import Registry
 
 METHODS: Registry = Registry("method", {
@@ -47,9 +44,6 @@ METHODS: Registry = Registry("method", {
     "mae": mae,
     "position": position,
     "simmim": simmim,
-    "tera": tera,
-    "w2v_bert": w2v_bert,
-    "wav2vec2": wav2vec2,
 })
 
 

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "bestrq"
-  # BEST-RQ sec. 4.1: a codebook of 8192 entries of dimension 16. A 480-utterance set has far
+  # BEST-RQ sec. 4.1: a codebook of 8192 entries of dimension 16. A 500-utterance set has far
   # fewer distinct frames, so runlocal uses 1024.
   c.method.codebook_size = 1024 if runlocal else 8192
   c.method.codebook_dim = 16

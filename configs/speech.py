@@ -84,7 +84,7 @@ def conformer_model_config(variant: str) -> ml_collections.ConfigDict:
 def frame_mask_config(name: str) -> ml_collections.ConfigDict:
   """Masks over frames (mim_jax/frame_masking.py), by name, with every generator's knobs."""
   m = ml_collections.ConfigDict()
-  m.name = name                  # span | bestrq (frame_masking.GENERATORS).
+  m.name = name                  # span | bestrq | tera (frame_masking.GENERATORS).
   # wav2vec 2.0 (Baevski et al. 2020, sec. 4.2): spans of 10 frames, start probability 0.065.
   m.span = ml_collections.ConfigDict()
   m.span.start_prob = 0.065
@@ -95,4 +95,18 @@ def frame_mask_config(name: str) -> ml_collections.ConfigDict:
   m.bestrq.start_prob = 0.01
   m.bestrq.length = 40
   m.bestrq.min_spans = 1
+  # TERA's time alteration (Liu et al. 2021, sec. III-A): spans of 7 frames over 15% of the
+  # real frames; the method then zeroes, replaces or keeps them.
+  m.tera = ml_collections.ConfigDict()
+  m.tera.share = 0.15
+  m.tera.length = 7
+  m.tera.min_spans = 0
+  # Feature alterations (frame_masking.ALTERATIONS), applied by the methods that list them.
+  # TERA's frequency alteration (sec. III-B): one band of 0 to 20% of the mel bins set to 0.
+  m.tera_frequency = ml_collections.ConfigDict()
+  m.tera_frequency.max_share = 0.2
+  # TERA's magnitude alteration (sec. III-C): Gaussian noise (std 0.2) on 15% of utterances.
+  m.tera_magnitude = ml_collections.ConfigDict()
+  m.tera_magnitude.prob = 0.15
+  m.tera_magnitude.std = 0.2
   return m

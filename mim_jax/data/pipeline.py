@@ -10,6 +10,7 @@ import numpy as np
 
 from mim_jax.data import augment
 from mim_jax.data import sources
+from mim_jax.data import targets
 
 
 def check_channels(config: ml_collections.ConfigDict) -> None:
@@ -76,6 +77,8 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
   check_channels(config)
   d = config.data
   source = sources.get_source(d, d.split, config.get("image_size", 0))
+  # Per-utterance training targets (HuBERT's k-means ids) when the config names a target file.
+  source = targets.attach(source, config, d.split)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if not len(ds):
     raise ValueError(f"data.name={d.name!r} split {d.split!r} has {len(source)} examples, "

@@ -31,9 +31,13 @@ from mim_jax.methods import bestrq
 from mim_jax.methods import cae
 from mim_jax.methods import crate_mae
 from mim_jax.methods import finetune
+from mim_jax.methods import hubert
 from mim_jax.methods import mae
 from mim_jax.methods import position
 from mim_jax.methods import simmim
+from mim_jax.methods import tera
+from mim_jax.methods import w2v_bert
+from mim_jax.methods import wav2vec2
 from mim_jax.registry import Registry
 
 METHODS: Registry = Registry("method", {
@@ -41,9 +45,13 @@ METHODS: Registry = Registry("method", {
     "cae": cae,
     "crate_mae": crate_mae,
     "finetune": finetune,
+    "hubert": hubert,
     "mae": mae,
     "position": position,
     "simmim": simmim,
+    "tera": tera,
+    "w2v_bert": w2v_bert,
+    "wav2vec2": wav2vec2,
 })
 
 

@@ -180,6 +180,53 @@ def assert_trees_close(got, want, rtol, atol, max_outliers=0.0, outlier_atol=0.0
 
 
 # ---------------------------------------------------------------------------------------------
+# Speech methods: batches and the 8-device check every one of them runs.
+# ---------------------------------------------------------------------------------------------
+
+def speech_batches(config: ml_collections.ConfigDict, count: int) -> list[dict[str, np.ndarray]]:
+  """The first `count` training batches of a speech config, without their labels."""
+  from mim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  iterator = pipeline.train_iterator(config, process_index=0, process_count=1)
+  return [{k: v for k, v in next(iterator).items() if k != "label"} for _ in range(count)]
+
+
+def train_checking_8_devices(config: ml_collections.ConfigDict, batches, rng: jax.Array,
+                             lr: float, max_outliers: float = 1e-4,
+                             outlier_lr_share: float = 0.1) -> list[dict[str, np.ndarray]]:
+  """Trains on `batches` on one device and returns its metrics; the first 2 steps also run on 8
+  fake devices, which must match. One run does both because compiling the step is most of a
+  speech test's time: the one-device step then compiles once.
+
+  Tolerances as in tests/test_sharding.py, measured at a peak lr of 1e-3 and scaled by
+  `lr` / 1e-3: Adam's first updates, lr * g / (|g| + eps), follow the summation-order noise of
+  gradients within ~eps of zero, so 1 element in 10,000 may be off by up to 10% of the lr. The
+  Conformer's relative-position projections have many such elements (measured 14% of them, up
+  to 6% of the lr): the low-frequency sinusoids barely change over the utterance, so their
+  columns add nearly the same logit to every key, which softmax ignores, as it does the key
+  bias. They are held to the outlier tolerance only. A method may need more outliers
+  (`max_outliers`) or a larger bound on them (`outlier_lr_share`, at most 2: Adam's first
+  update is +-lr, so the noise can at worst flip its sign); each says what it measured."""
+  one = Trainer(config, mesh_of(jax.devices()[:1]), jax.random.key(0))
+  eight = Trainer(config, mesh_of(jax.devices()), jax.random.key(0),
+                  initial_state=one.initial_state)
+  metrics = one.run(batches[:2], rng)
+  for m1, m8 in zip(metrics, eight.run(batches[:2], rng)):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+
+  def split(state):  # (the positional projections, the rest), as flat dicts
+    flat = tree_paths.flatten(to_host(state.params))
+    pos = {k: v for k, v in flat.items() if k.endswith("attn/pos/kernel")}
+    return pos, {k: v for k, v in flat.items() if k not in pos}
+  (pos_8, rest_8), (pos_1, rest_1) = split(eight.state), split(one.state)
+  assert pos_8, "no relative-position projections: not a Conformer?"
+  scale = lr / 1e-3
+  assert_trees_close(rest_8, rest_1, 1e-5, scale * 1e-6, max_outliers=max_outliers,
+                     outlier_atol=outlier_lr_share * lr)
+  assert_trees_close(pos_8, pos_1, 1e-4, scale * 1e-4)
+  return metrics + one.run(batches[2:], rng)
+
+
+# ---------------------------------------------------------------------------------------------
 # Subprocesses.
 # ---------------------------------------------------------------------------------------------
 

@@ -11,18 +11,14 @@ import pytest
 
 from configs import w2v_bert_conformer
 from configs import wav2vec2_conformer
-from conftest import Trainer
-from conftest import assert_trees_close
-from conftest import mesh_of
 from conftest import set_peak_lr
-from conftest import to_host
+from conftest import speech_batches
 from conftest import traced_matmul_flops
+from conftest import train_checking_8_devices
 from mim_jax import flops
 from mim_jax import frame_masking
 from mim_jax import methods
-from mim_jax import tree_paths
 from mim_jax.data import logmel
-from mim_jax.data import pipeline
 from mim_jax.methods import gumbel_quantizer
 from mim_jax.methods import wav2vec2
 from mim_jax.models import conformer
@@ -33,8 +29,12 @@ MICRO = "runlocal,variant=Mu,clip_seconds=0.5,batch_size=16"
 CONFIGS = {"wav2vec2": wav2vec2_conformer.get_config, "w2v_bert": w2v_bert_conformer.get_config}
 
 
+# The peak lr of the training tests: the loss needs 2e-3 to fall in 40 steps.
+LR = 2e-3
+
+
 def micro_config(name="wav2vec2"):
-  config = set_peak_lr(CONFIGS[name](MICRO), 2e-3)
+  config = set_peak_lr(CONFIGS[name](MICRO), LR)
   config.method.entries = 32         # 2 x 32 codes for 16 utterances of ~6 encoder frames
   config.method.codevector_dim = 64
   config.method.final_dim = 64
@@ -191,14 +191,9 @@ def test_analytic_flops_match_the_traced_matmuls():
 # Training.
 # ---------------------------------------------------------------------------------------------
 
-def spoken_digit_batches(config, count):
-  iterator = pipeline.train_iterator(config, process_index=0, process_count=1)
-  return [{k: v for k, v in next(iterator).items() if k != "label"} for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def digits():
-  return spoken_digit_batches(micro_config(), 4)
+  return speech_batches(micro_config(), 4)
 
 
 def check_loss_falls(config, metrics):
@@ -210,40 +205,14 @@ def check_loss_falls(config, metrics):
     np.testing.assert_allclose(metrics[step]["temperature"], schedule(step), rtol=1e-6)
 
 
-def params_by_tolerance(state):
-  """(the relative-position projections, the rest) of a state's params, as flat dicts: the
-  projections are held to a looser tolerance, as tests/test_bestrq.py explains."""
-  flat = tree_paths.flatten(to_host(state.params))
-  pos = {k: v for k, v in flat.items() if k.endswith("attn/pos/kernel")}
-  return pos, {k: v for k, v in flat.items() if k not in pos}
-
-
-def test_wav2vec2_loss_falls_and_8_devices_match_one_device(digits):
-  """One test, so that its train step compiles once per mesh (compilation is most of it): the
-  first 2 steps on 8 fake devices match the same steps on one device, then the one-device run
-  continues on spoken digits and its loss falls."""
-  config = micro_config()
-  one = Trainer(config, mesh_of(jax.devices()[:1]), jax.random.key(0))
-  eight = Trainer(config, mesh_of(jax.devices()), jax.random.key(0),
-                  initial_state=one.initial_state)
-  batches, rng = [digits[i % 4] for i in range(40)], jax.random.key(1)
-  metrics = one.run(batches[:2], rng)
-  for m1, m8 in zip(metrics, eight.run(batches[:2], rng)):
-    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  # tests/test_bestrq.py's tolerances, measured at lr 1e-3, scaled to this test's lr (2e-3,
-  # which the loss needs to fall in 40 steps): the differences are Adam's first updates
-  # following summation-order noise, so they scale with the lr.
-  scale = 2.0
-  (pos_8, rest_8), (pos_1, rest_1) = (params_by_tolerance(t.state) for t in (eight, one))
-  assert_trees_close(rest_8, rest_1, 1e-5, scale * 1e-6, max_outliers=1e-4,
-                     outlier_atol=scale * 1e-4)
-  assert_trees_close(pos_8, pos_1, 1e-4, scale * 1e-4)
-  check_loss_falls(config, metrics + one.run(batches[2:], rng))
-
-
-def test_w2v_bert_loss_falls(digits):
-  config = micro_config("w2v_bert")
-  metrics = Trainer(config, mesh_of(jax.devices()[:1]), jax.random.key(0)).run(
-      [digits[i % 4] for i in range(40)], jax.random.key(1))
+@pytest.mark.parametrize("name", ["wav2vec2", "w2v_bert"])
+def test_loss_falls_and_8_devices_match_one_device(digits, name):
+  config = micro_config(name)
+  # w2v-BERT measured one element of the subsampling conv kernel (of its 9,216) 23% of the lr
+  # apart after two steps, past the usual bound of 10%: it is allowed 50%.
+  metrics = train_checking_8_devices(config, [digits[i % 4] for i in range(40)],
+                                     jax.random.key(1), LR,
+                                     outlier_lr_share=0.5 if name == "w2v_bert" else 0.1)
   check_loss_falls(config, metrics)
-  assert np.mean([m["mlm"] for m in metrics[-8:]]) < np.mean([m["mlm"] for m in metrics[:4]])
+  if name == "w2v_bert":
+    assert np.mean([m["mlm"] for m in metrics[-8:]]) < np.mean([m["mlm"] for m in metrics[:4]])

@@ -4,6 +4,7 @@ first steps on 8 fake devices equal to one device), the one-line error of a miss
 mismatched file, and the analytic FLOP count."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.fft
@@ -14,10 +15,14 @@ from configs import hubert_conformer
 from conftest import mesh_of
 from conftest import set_peak_lr
 from conftest import speech_batches
+from conftest import to_host
 from conftest import traced_matmul_flops
 from conftest import train_checking_8_devices
 from mim_jax import flops
 from mim_jax import methods
+from mim_jax import models
+from mim_jax import pretrained
+from mim_jax import tree_paths
 from mim_jax.data import logmel
 from mim_jax.data import mfcc
 from mim_jax.data import pipeline
@@ -162,6 +167,46 @@ def test_hubertopic_loss_falls_on_the_tools_targets_and_8_devices_match_one(targ
   assert accuracy[-8:].mean() > 2 * accuracy[:4].mean(), accuracy
   assert topic[-8:].mean() < 0.85 * topic[:4].mean(), topic
   assert 0.3 < metrics[0]["masked_share"] < 0.8
+
+
+def test_iteration_2_clusters_a_block_of_a_pretrained_encoder(tmp_path):
+  """HuBERT's second iteration: features '<encoder>@block_0' (an .npz export here; a workdir
+  loads through the same pretrained.load_encoder_params) are that block's output on the log-mel
+  front end; an utterance read whole and padded into a batch gets the same features as alone,
+  and the written ids cover every encoder frame."""
+  config = micro_config(str(tmp_path / "it2.npz"))
+  config.data.targets.num_clusters = 8
+  model = methods.build(config)
+
+  # An encoder's parameters, as python -m mim_jax.tools.export writes them.
+  params = jax.jit(lambda rng: methods.init_params(model, config, rng))(jax.random.key(0))
+  params = tree_paths.flatten(to_host(params))
+  np.savez(tmp_path / "encoder.npz", **{k: v for k, v in params.items()
+                                        if k.startswith("encoder/")})
+  config.data.targets.features = f"{tmp_path / 'encoder.npz'}@block_0"
+  mesh = mesh_of(jax.devices()[:1])
+  extractor = kmeans.Extractor(config, config.data.targets.features, mesh, batch_size=4)
+  source = sources.get_source(config.data, "test", 0)
+  got = dict(extractor.features(source, np.array([0, 7, 169])))
+  params = pretrained.load_encoder_params(config.data.targets.features.split("@")[0], config)
+  encoder, fe = models.build_encoder(config), targets.frontend(config)
+
+  @jax.jit
+  def alone(audio):  # block 0 of the encoder on one utterance, unpadded
+    feats, valid = logmel.log_mel(audio[None], jnp.array([audio.shape[0]]), fe)
+    return encoder.apply({"params": params}, feats, valid)[1]["block_0"][0]
+  for i in (7, 169):
+    audio = np.asarray(source[i]["audio"])
+    want = alone(audio)
+    assert got[i].shape == want.shape == (targets.num_targets(len(audio), fe), 32)
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
+
+  meta = kmeans.make_targets(config, iterations=5, mesh=mesh)
+  assert meta["features"] == config.data.targets.features and meta["k"] == 8
+  with np.load(config.data.targets.path) as data:
+    ids, offsets = data["test/ids"], data["test/offsets"]
+  assert offsets[170] == len(ids) and ids.max() < 8 and len(np.unique(ids)) > 1
+  assert np.diff(offsets)[7] == len(got[7])
 
 
 def test_missing_or_mismatched_target_file_names_the_command(target_file, tmp_path):

@@ -70,7 +70,8 @@ def header(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> dict[str
 
 def write(path: str, meta: dict[str, Any], splits: dict[str, dict[str, np.ndarray]]) -> None:
   """Writes the file: `splits` {split: {'ids', 'offsets'[, 'topic']}}, `meta` as '__meta__'.
-  Written to a temporary name and renamed, so a reader never sees half a file."""
+  Written to a temporary name and renamed over any earlier file (a rerun with other settings),
+  so a reader never sees half a file."""
   arrays = {f"{split}/{name}": value for split, named in splits.items()
             for name, value in named.items()}
   arrays["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
@@ -79,7 +80,7 @@ def write(path: str, meta: dict[str, Any], splits: dict[str, dict[str, np.ndarra
   partial = path.parent / (path.name + ".partial")
   with partial.open("wb") as f:
     np.savez(f, **arrays)
-  partial.rename(path)
+  partial.replace(path)
 
 
 def read_header(path: str) -> dict[str, Any]:

@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model.remat also rematerialises the regressor and decoder blocks.
   c.model = common.vit_model_config(args.get("variant", "Ti/4" if runlocal else "B/16"),
                                    posemb="sincos")
+  c.model.patch_init = "truncated_normal"  # CAE's: std 0.02, cut at +-1 std.
 
   c.init_from = ""               # Start from these params instead of random init: a workdir, an
                                  # MAE .pth or an .npz (mim_jax/init_from.py); '' = random init.
@@ -92,7 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Pixel targets (the paper predicts DALL-E token ids; that tokenizer is not available here).
   c.method.norm_pix_loss = True
 
-  # AdamW (0.9, 0.999), wd 0.05, lr 1.5e-3 at batch 2048, cosine to 1e-5, clip 3.0.
+  # AdamW (0.9, 0.999), wd 0.05, lr 1.5e-3 at batch 2048, cosine to 1e-5, clip 3.0. The cls and
+  # mask tokens decay: CAE's pretraining model has no no_weight_decay(), so its create_optimizer
+  # (furnace/optim_factory.py) skips only 1-D parameters and biases.
   c.optim = common.adamw_config(base_lr=1.5e-3, lr_batch_base=2048, b2=0.999,
                                 warmup_steps=warmup_epochs * steps_per_epoch,
                                 min_lr=0.0 if runlocal else 1e-5, grad_clip_norm=3.0)

@@ -104,6 +104,7 @@ def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
   m.variant = variant            # <size>/<patch>, e.g. B/16 (models/vit.py SIZES).
   m.exact_gelu = True            # erf GELU, as in the papers' PyTorch code; False = tanh.
   m.posemb = posemb              # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
+  m.patch_init = "xavier"        # Patch embedding init (models/layers.py PATCH_INITS): MAE's.
   m.remat = False                # Rematerialise blocks to save accelerator memory.
   m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
   m.param_dtype = "float32"
@@ -113,8 +114,8 @@ def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
 
 def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.95,
                  weight_decay: float = 0.05, lr_batch_base: int = 256, min_lr: float = 0.0,
-                 grad_clip_norm: float = 0.0, layer_decay: float = 1.0
-                 ) -> ml_collections.ConfigDict:
+                 grad_clip_norm: float = 0.0, layer_decay: float = 1.0,
+                 no_decay_tokens: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """AdamW with linear warmup then cosine decay. The defaults are MAE's recipe (He et al.
   2021, table 8): (0.9, 0.95), weight decay 0.05, no gradient clipping."""
   o = ml_collections.ConfigDict()
@@ -122,7 +123,11 @@ def adamw_config(*, base_lr: float, warmup_steps: int, b1: float = 0.9, b2: floa
   o.lr_batch_base = lr_batch_base
   o.b1 = b1
   o.b2 = b2
-  o.weight_decay = weight_decay  # Not applied to biases, norms, cls and mask tokens.
+  o.weight_decay = weight_decay  # Not applied to biases, norms and position tables.
+  # Learned tokens ('cls', 'mask_token') exempt from weight decay. MAE's pretraining decays both
+  # (main_pretrain.py: timm's add_weight_decay with no skip list); configs whose reference
+  # exempts them (its model's no_weight_decay()) name them here.
+  o.no_decay_tokens = no_decay_tokens
   o.warmup_steps = warmup_steps
   o.min_lr = min_lr              # Final lr of the cosine decay.
   o.grad_clip_norm = grad_clip_norm  # Global-norm clipping; 0 disables.

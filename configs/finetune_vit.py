@@ -94,9 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # a uniform prediction, and the paper's 5e-4 barely moves the zero-initialised head.
   # Layer decay 0.75: lr x 0.75^(depth + 1 - layer), embeddings least, head full (MAE sec. A.1;
   # its released ViT-B command uses 0.65).
+  # No weight decay on the cls token: MAE's main_finetune.py passes the no_weight_decay() of
+  # timm's ViT, {'pos_embed', 'cls_token', 'dist_token'}.
   c.optim = common.adamw_config(base_lr=4e-3 if runlocal else 5e-4,
                                 warmup_steps=warmup_epochs * steps_per_epoch, b2=0.999,
-                                min_lr=1e-6, layer_decay=0.75)
+                                min_lr=1e-6, layer_decay=0.75, no_decay_tokens=("cls",))
   c.data = common.data_config(data)
   # RandomResizedCrop area: timm's default (0.08, 1), MAE's fine-tuning crop; on 8x8 digits a
   # mild (0.8, 1), since the eval images are whole digits.

@@ -78,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.decoder_width = decoder_width
   c.method.decoder_heads = max(1, decoder_width // 32)  # 512 -> 16 heads, as in the paper.
 
-  # MAE table 8: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256).
+  # MAE table 8: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256),
+  # decaying the cls and mask tokens as main_pretrain.py does.
   c.mask = common.mask_config("random", 0.75)  # MAE sec. 4, fig. 5: uniform, 75%.
   c.optim = common.adamw_config(base_lr=1.5e-4, warmup_steps=warmup_epochs * steps_per_epoch)
   c.data = common.data_config(data)

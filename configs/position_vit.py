@@ -77,8 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # DeiT's AdamW, which MP3 follows: betas (0.9, 0.999), wd 0.05, lr = 5e-4 * batch / 512.
   # runlocal: 440 steps at batch 128 on digits need a larger step (peak lr 1e-3, not 1.25e-4).
+  # No weight decay on the cls token, as DeiT's timm optimizer (the ViT's no_weight_decay()).
   c.optim = common.adamw_config(base_lr=4e-3 if runlocal else 5e-4, lr_batch_base=512,
-                                b2=0.999, warmup_steps=warmup_epochs * steps_per_epoch)
+                                b2=0.999, warmup_steps=warmup_epochs * steps_per_epoch,
+                                no_decay_tokens=("cls",))
   c.data = common.data_config(data)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)

@@ -57,10 +57,13 @@ def simmim_mask(mask_patch: int, patch: int) -> ml_collections.ConfigDict:
   return common.mask_config("coarse", 0.6, coarse_cell=mask_patch // patch)
 
 
-def simmim_optim(base_lr: float, warmup_steps: int, min_lr: float) -> ml_collections.ConfigDict:
-  """SimMIM's AdamW: (0.9, 0.999), wd 0.05, clip 5, lr = base_lr * batch / 512."""
+def simmim_optim(base_lr: float, warmup_steps: int, min_lr: float,
+                 no_decay_tokens: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """SimMIM's AdamW: (0.9, 0.999), wd 0.05, clip 5, lr = base_lr * batch / 512; no weight decay
+  on the encoder's tokens its no_weight_decay() names (models/simmim.py)."""
   return common.adamw_config(base_lr=base_lr, warmup_steps=warmup_steps, b2=0.999,
-                             lr_batch_base=512, min_lr=min_lr, grad_clip_norm=5.0)
+                             lr_batch_base=512, min_lr=min_lr, grad_clip_norm=5.0,
+                             no_decay_tokens=no_decay_tokens)
 
 
 def simmim_data(name: str) -> ml_collections.ConfigDict:
@@ -103,8 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # 10 warmup epochs, lr 2e-4 per 512 images (8e-4 at 2048), cosine to 1e-5.
   warmup_epochs = 4 if runlocal else 10
+  # SwinTransformerForSimMIM.no_weight_decay() adds 'mask_token' (Swin has no cls token).
   c.optim = simmim_optim(2e-4 if not runlocal else 2e-3, warmup_epochs * steps_per_epoch,
-                         min_lr=1e-5)
+                         min_lr=1e-5, no_decay_tokens=("mask_token",))
   c.data = simmim_data(data)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)

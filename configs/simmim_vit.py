@@ -82,8 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # 10 warmup epochs, lr 1e-4 per 512 images (4e-4 at 2048).
   warmup_epochs = 4 if runlocal else 10
+  # SimMIM's ViT: no_weight_decay() is {'pos_embed', 'cls_token'}, so its mask token decays.
   c.optim = simmim_swin.simmim_optim(1e-4 if not runlocal else 2e-3,
-                                     warmup_epochs * steps_per_epoch, min_lr=0.0)
+                                     warmup_epochs * steps_per_epoch, min_lr=0.0,
+                                     no_decay_tokens=("cls",))
   c.data = simmim_swin.simmim_data(data)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)

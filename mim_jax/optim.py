@@ -3,7 +3,9 @@ optional global-norm clipping and optional layer-wise lr decay (`optim.layer_dec
 Parameters named `frozen_*` are a method's fixed buffers (BEST-RQ's random projection and
 codebook): saved in checkpoints with the rest, never updated, and given no optimizer state."""
 
+import functools
 import re
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -11,10 +13,14 @@ import optax
 
 from mim_jax import tree_paths
 
-# Parameters that take no weight decay (MAE follows the common practice of not decaying norms,
-# biases, position embeddings and tokens): anything of rank <= 1, plus these names.
-# Swin's relative position bias tables are excluded too, as in Swin's and SimMIM's code.
-_NO_DECAY = re.compile(r"(^|/)(cls|mask_token|pos_embedding|relative_position_bias_table)$")
+# Parameters that never take weight decay: anything of rank <= 1 (biases, norm scales: every
+# reference's param groups skip 1-D parameters), learned position tables (the no_weight_decay()
+# of timm's ViT, which MAE fine-tunes, and of SimMIM's ViT; MAE pretrains with a fixed sin-cos
+# buffer) and Swin's relative position bias tables (Swin's and SimMIM's
+# no_weight_decay_keywords()). Whether the learned tokens decay is the config's choice
+# (`optim.no_decay_tokens`), as the references differ.
+_NO_DECAY = re.compile(r"(^|/)(pos_embedding|relative_position_bias_table)$")
+TOKENS = ("cls", "mask_token")
 _FROZEN = re.compile(r"(^|/)frozen_")
 
 
@@ -27,11 +33,13 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=o.min_lr)
 
 
-def decay_mask(params) -> object:
-  """True for the parameters that get weight decay."""
+def decay_mask(params, no_decay_tokens: Sequence[str] = ()) -> object:
+  """True for the parameters that get weight decay. The learned tokens named in
+  `no_decay_tokens` (of TOKENS) take none."""
   def decays(path, leaf) -> bool:
     name = tree_paths.name(path)
-    return leaf.ndim > 1 and not _NO_DECAY.search(name)
+    return (leaf.ndim > 1 and not _NO_DECAY.search(name)
+            and name.rsplit("/", 1)[-1] not in no_decay_tokens)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -55,8 +63,9 @@ def skip_frozen(tx: optax.GradientTransformation) -> optax.GradientTransformatio
 
 def build(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optim
+  mask = functools.partial(decay_mask, no_decay_tokens=tuple(o.no_decay_tokens))
   tx = optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                   mask=decay_mask)
+                   mask=mask)
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   if o.layer_decay < 1:
@@ -75,6 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optim.lr_batch_base must be positive, got {o.lr_batch_base}")
   if not 0 < o.layer_decay <= 1:
     raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {o.layer_decay}")
+  unknown = set(o.no_decay_tokens) - set(TOKENS)
+  if unknown:
+    raise ValueError(f"optim.no_decay_tokens names unknown tokens {sorted(unknown)}; valid: "
+                     f"{list(TOKENS)}")
 
 
 # Layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE fine-tuning, He et al. 2021,

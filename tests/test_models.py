@@ -1,7 +1,9 @@
 """Tests of the ViT encoder, the MAE decoder and the MAE method: shapes and parameter counts of
-every variant (by eval_shape, so nothing is allocated), position embeddings, patchify, the
-visible-only encoder and the decoder's un-shuffle, the loss, FLOP counting and bf16 compute."""
+every variant (by eval_shape, so nothing is allocated), position embeddings, patchify, each
+reference's patch-embedding init, the visible-only encoder and the decoder's un-shuffle, the
+loss, FLOP counting and bf16 compute."""
 
+import importlib
 import math
 
 import flax.linen as nn
@@ -175,6 +177,51 @@ def test_patch_embed_is_the_strided_conv():
       x, w, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))(images, params["kernel"])
   np.testing.assert_allclose(np.asarray(out), np.asarray(conv.reshape(2, 6, 8) + params["bias"]),
                              rtol=1e-5, atol=1e-5)
+
+
+def _truncated_normal_std(std: float, cut: float) -> float:
+  """Std of N(0, std^2) cut at +-cut standard deviations."""
+  density = math.exp(-cut * cut / 2) / math.sqrt(2 * math.pi)
+  return std * math.sqrt(1 - 2 * cut * density / math.erf(cut / math.sqrt(2)))
+
+
+# Config -> (kernel shape, kernel std, kernel bound, bias bound or 0 for a zero bias) of its
+# reference's patch embedding, from the reference's formula with fan_in = p*p*C, fan_out = D.
+XAVIER = lambda fan_in, fan_out: math.sqrt(6 / (fan_in + fan_out))
+PATCH_INIT_CASES = {
+    # MAE: xavier_uniform_ on the [D, p*p*C] view, at two patch sizes.
+    "mae_vit:variant=Mu/16": ((16, 16, 3, 64), XAVIER(768, 64) / math.sqrt(3), XAVIER(768, 64),
+                              0.0),
+    "mae_vit:variant=Mu/4": ((4, 4, 3, 64), XAVIER(48, 64) / math.sqrt(3), XAVIER(48, 64), 0.0),
+    # CRATE-MAE (micro/4): MAE's.
+    "crate_mae:runlocal": ((4, 4, 3, 64), XAVIER(48, 64) / math.sqrt(3), XAVIER(48, 64), 0.0),
+    # Swin (Mu, patch 4): PyTorch's Conv2d default, U(+-1/sqrt(fan_in)), the bias too.
+    "simmim_swin:runlocal": ((4, 4, 3, 32), 48 ** -0.5 / math.sqrt(3), 48 ** -0.5, 48 ** -0.5),
+    # CAE (Ti/4): trunc_normal_(std=0.02, a=-0.02, b=0.02).
+    "cae_vit:runlocal": ((4, 4, 3, 192), _truncated_normal_std(0.02, 1.0), 0.02, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(PATCH_INIT_CASES))
+def test_patch_embedding_init_follows_each_reference(case):
+  """The initialised kernel's std is the reference's (within 5%: the smallest kernel, Swin's,
+  has 1536 entries) and its values stay inside the reference's bound."""
+  shape, std, bound, bias_bound = PATCH_INIT_CASES[case]
+  name, arg = case.split(":")
+  config = importlib.import_module(f"configs.{name}").get_config(arg + ",image_size=16")
+  images = jnp.zeros((1, 16, 16, 3))
+  encoder = models.build_encoder(config)
+  # The whole encoder's init, jitted; XLA drops all but the patch embedding's part of it.
+  init = jax.jit(lambda rng: encoder.init(rng, images)["params"]["patch_embed"])
+  params = jax.device_get(init(jax.random.key(0)))
+  kernel, bias = params["kernel"], params["bias"]
+  assert kernel.shape == shape
+  assert abs(kernel.std() / std - 1) < 0.05, (kernel.std(), std)
+  assert np.abs(kernel).max() <= bound
+  if bias_bound:
+    assert 0 < np.abs(bias).max() <= bias_bound
+  else:
+    assert not bias.any()
 
 
 # ---------------------------------------------------------------------------------------------

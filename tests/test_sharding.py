@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import cae_vit
+from configs import crate_mae
+from configs import finetune_vit
 from configs import mae_vit
+from configs import position_vit
+from configs import simmim_swin
+from configs import simmim_vit
 from conftest import Trainer
 from conftest import abstract_params
 from conftest import assert_trees_close
@@ -140,27 +146,51 @@ def test_fsdp_spec_rule():
 # ---------------------------------------------------------------------------------------------
 
 def test_weight_decay_mask():
+  """MAE's rule: every kernel and the cls and mask tokens decay (main_pretrain.py skips only
+  1-D parameters and biases); norms and biases do not."""
   config = make_config()
   flat = tree_paths.flatten(optim.decay_mask(abstract_params(config)))
-  assert flat["encoder/cls"] is False and flat["decoder/mask_token"] is False
   for name, decays in flat.items():
     leaf = name.rsplit("/", 1)[-1]
-    if leaf in ("bias", "scale", "cls", "mask_token"):
+    if leaf in ("bias", "scale"):
       assert decays is False, name
     else:
-      assert leaf == "kernel" and decays is True, name
+      assert leaf in ("kernel", "cls", "mask_token") and decays is True, name
   # Every kernel, including the [p, p, C, D] patch embedding, decays.
   assert flat["encoder/patch_embed/kernel"] is True
   assert flat["decoder/pred/kernel"] is True
   assert flat["encoder/blocks/block_0/attn/qkv/kernel"] is True
   assert flat["encoder/blocks/block_0/norm1/scale"] is False
+  assert flat["encoder/cls"] is True and flat["decoder/mask_token"] is True
+
+  # The tokens `optim.no_decay_tokens` names are exempt, and only they.
+  exempt = tree_paths.flatten(optim.decay_mask(abstract_params(config), ("mask_token",)))
+  assert [name for name in flat if flat[name] != exempt[name]] == ["decoder/mask_token"]
 
   # And the built optimizer applies it: with zero gradients only decayed leaves move.
-  tx = optim.build(config)
   real = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,)), "cls": jnp.ones((1, 1, 4))}
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, real), tx.init(real), real)
-  assert float(jnp.abs(updates["w"]).max()) > 0
-  assert float(jnp.abs(updates["b"]).max()) == 0 and float(jnp.abs(updates["cls"]).max()) == 0
+  moved = {}
+  for tokens in ((), ("cls",)):
+    config.optim.no_decay_tokens = tokens
+    tx = optim.build(config)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, real), tx.init(real), real)
+    moved[tokens] = {k: float(jnp.abs(u).max()) > 0 for k, u in updates.items()}
+  assert moved[()] == {"w": True, "b": False, "cls": True}
+  assert moved[("cls",)] == {"w": True, "b": False, "cls": False}
+
+
+def test_each_config_decays_the_tokens_its_reference_decays():
+  """MAE, CRATE-MAE (trained with MAE's script) and CAE decay their cls and mask tokens; the
+  others exempt those their reference's no_weight_decay() names (see each config)."""
+  expected = {mae_vit: (), crate_mae: (), cae_vit: (), simmim_swin: ("mask_token",),
+              simmim_vit: ("cls",), finetune_vit: ("cls",), position_vit: ("cls",)}
+  for module, tokens in expected.items():
+    assert module.get_config("runlocal").optim.no_decay_tokens == tokens, module.__name__
+  config = make_config()
+  config.optim.no_decay_tokens = ("cls", "pos_embedding")
+  with pytest.raises(ValueError, match=r"optim.no_decay_tokens names unknown tokens "
+                                       r"\['pos_embedding'\]; valid: \['cls', 'mask_token'\]"):
+    optim.validate(config)
 
 
 def test_learning_rate_schedule():

@@ -312,15 +312,21 @@ def test_simmim_needs_swin_or_vit():
 
 
 def test_no_weight_decay_on_bias_tables_tokens_norms_and_biases():
-  """Swin and SimMIM exclude the relative position bias tables and the mask token from weight
-  decay, besides norms and biases; every kernel (head included) decays."""
+  """As SimMIM's optimizer: Swin's relative position bias tables and mask token take no weight
+  decay (no_weight_decay_keywords() and no_weight_decay()), nor do norms and biases; every kernel
+  (head included) decays. SimMIM's ViT exempts its cls token but decays its mask token."""
   config = simmim_swin.get_config("runlocal")
-  flat = tree_paths.flatten(optim.decay_mask(abstract_params(config)))
+  flat = tree_paths.flatten(optim.decay_mask(abstract_params(config),
+                                             config.optim.no_decay_tokens))
   table = "encoder/stage_0_block_1/attn/relative_position_bias_table"
   assert flat[table] is False and flat["encoder/mask_token"] is False
   assert flat["head/kernel"] is True and flat["encoder/merge_1/reduction/kernel"] is True
   for name, decays in flat.items():
     assert decays == name.endswith("kernel"), name
+  config = simmim_vit.get_config("runlocal")
+  flat = tree_paths.flatten(optim.decay_mask(abstract_params(config),
+                                             config.optim.no_decay_tokens))
+  assert flat["encoder/cls"] is False and flat["encoder/mask_token"] is True
 
 
 def test_mask_patch_argument_must_be_a_multiple_of_the_patch():

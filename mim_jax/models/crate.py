@@ -189,9 +189,11 @@ class Crate(nn.Module):
     return x, aux
 
   def _embed(self, images: jax.Array) -> jax.Array:
-    if not self.patch_norm:
+    if not self.patch_norm:  # MAE's init, as CRATE-MAE's code (crate_ae.py) has it.
       return layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
                                name="patch_embed")(images)
+    # Xavier, like every Linear of this CRATE (CRATE-MAE's init), where the supervised CRATE code
+    # (model/crate.py) leaves this Linear at PyTorch's default, U(+-1/sqrt(fan_in)).
     x = layers.patchify(images.astype(self.dtype), self.patch)
     x = layers.dense(self.width, "patch_embed", self.dtype,
                      self.param_dtype)(_norm(self, "patch_norm_in")(x))

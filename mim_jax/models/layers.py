@@ -6,7 +6,7 @@ blocks and the patchify helpers used by losses and decoders.
 It imports only jax, flax, numpy and the bottom-floor registry: every model file builds on it.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -94,24 +94,72 @@ def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int], channels: 
   return x.reshape(b, gh * patch, gw * patch, channels)
 
 
+# How a patch embedding is initialised: (fan_in, fan_out) -> (kernel init, bias init), with
+# fan_in = p*p*C and fan_out = D, the fans of the [D, p*p*C] linear map that the strided conv is.
+# Flax's own fans for a 4-D [p, p, C, D] kernel fold the p*p receptive field into both, so its
+# xavier_uniform() would take fan_out = p*p*D: at B/16 a kernel 11x smaller than MAE's.
+Initializer = nn.initializers.Initializer
+PatchInit = Callable[[int, int], tuple[Initializer, Initializer]]
+
+
+def _symmetric_uniform(bound: float) -> Initializer:
+  """U(-bound, bound)."""
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def xavier_patch_init(fan_in: int, fan_out: int) -> tuple[Initializer, Initializer]:
+  """MAE's (models_mae.py, initialize_weights: xavier_uniform_ on the conv weight viewed as
+  [D, p*p*C], "like nn.Linear"), which CRATE-MAE's code (crate_ae.py) copies: kernel
+  U(+-sqrt(6 / (fan_in + fan_out))), zero bias."""
+  return _symmetric_uniform((6 / (fan_in + fan_out)) ** 0.5), nn.initializers.zeros
+
+
+def pytorch_patch_init(fan_in: int, fan_out: int) -> tuple[Initializer, Initializer]:
+  """PyTorch's default for nn.Conv2d (reset_parameters: kaiming_uniform_ with a = sqrt(5) on the
+  weight, the bias from the same fan_in), which Swin's PatchEmbed keeps (Swin-Transformer's and
+  SimMIM's _init_weights touch only Linear and LayerNorm): kernel and bias U(+-1/sqrt(fan_in))."""
+  del fan_out
+  return _symmetric_uniform(fan_in ** -0.5), _symmetric_uniform(fan_in ** -0.5)
+
+
+def truncated_normal_patch_init(fan_in: int, fan_out: int) -> tuple[Initializer, Initializer]:
+  """CAE's (lxtGH/CAE, modeling_cae_helper.py, VisionTransformerEncoder._init_weights):
+  trunc_normal_(std=0.02) on the conv weight, cut at +-1 std (its trunc_normal_ passes a=-std,
+  b=std), zero bias; the outer model's re-init (xavier) touches only Linear and LayerNorm."""
+  del fan_in, fan_out
+  return nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0), nn.initializers.zeros
+
+
+PATCH_INITS = Registry("patch_init", {"xavier": xavier_patch_init,
+                                      "pytorch": pytorch_patch_init,
+                                      "truncated_normal": truncated_normal_patch_init})
+
+
+def patch_init(name: str) -> PatchInit:
+  """Config value ('xavier', 'pytorch', 'truncated_normal') -> the patch embedding's init."""
+  return PATCH_INITS[name]
+
+
 class PatchEmbed(nn.Module):
   """Non-overlapping patch projection, the strided conv of ViT written as patchify + matmul.
 
   The kernel keeps the conv layout [p, p, C, D] so released conv weights load by a transpose,
   but runs as one [B*N, p*p*C] x [p*p*C, D] matmul, which XLA's CPU backend runs faster than a
-  strided convolution.
+  strided convolution. `patch_init` is the reference's init (see PatchInit), MAE's by default.
   """
   patch: int
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  patch_init: PatchInit = xavier_patch_init
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     c = images.shape[-1]
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(),
-                        (self.patch, self.patch, c, self.width), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (self.width,), self.param_dtype)
+    kernel_init, bias_init = self.patch_init(self.patch * self.patch * c, self.width)
+    kernel = self.param("kernel", kernel_init, (self.patch, self.patch, c, self.width),
+                        self.param_dtype)
+    bias = self.param("bias", bias_init, (self.width,), self.param_dtype)
     x = patchify(images.astype(self.dtype), self.patch)
     w = kernel.reshape(-1, self.width).astype(self.dtype)
     return x @ w + bias.astype(self.dtype)

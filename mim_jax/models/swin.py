@@ -258,8 +258,9 @@ class Swin(nn.Module):
     if height != width:
       raise ValueError(f"Swin takes square images, got {height}x{width}")
     check_geometry(height, self.patch, self.window, len(self.depths))
+    # Swin's patch embedding is an nn.Conv2d left at PyTorch's default init.
     x = layers.PatchEmbed(self.patch, self.embed_dim, self.dtype, self.param_dtype,
-                          name="patch_embed")(images)
+                          layers.pytorch_patch_init, name="patch_embed")(images)
     x = _norm(self, "patch_norm")(x)  # Swin's patch_norm=True
     if token_mask is not None:
       mask_token = self.param("mask_token", _INIT, (1, 1, self.embed_dim), self.param_dtype)

@@ -83,13 +83,14 @@ class ViT(nn.Module):
   posemb: str = "sincos"
   drop_path: float = 0.0
   final_norm: bool = True
+  patch_init: layers.PatchInit = layers.xavier_patch_init  # MAE's; layers.PATCH_INITS.
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
                token_mask: jax.Array | None = None, *, context_ids: jax.Array | None = None,
                train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, h, w, _ = images.shape
-    x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype,
+    x = layers.PatchEmbed(self.patch, self.width, self.dtype, self.param_dtype, self.patch_init,
                           name="patch_embed")(images)
     x = layers.embed_tokens(self, x, (h // self.patch, w // self.patch), self.posemb, ids_keep,
                             token_mask)
@@ -113,4 +114,5 @@ def build(config: ml_collections.ConfigDict) -> ViT:
   return ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
              exact_gelu=m.exact_gelu, remat=m.remat, dtype=layers.dtype(m.dtype),
              param_dtype=layers.dtype(m.param_dtype),
-             attention_impl=layers.attention_impl(m.attention_impl), posemb=m.posemb)
+             attention_impl=layers.attention_impl(m.attention_impl), posemb=m.posemb,
+             patch_init=layers.patch_init(m.patch_init))

@@ -5,17 +5,20 @@ Saves are asynchronous and atomic (orbax writes to a temporary directory and ren
 complete), so a crash mid-save leaves the previous checkpoint as the newest valid one. Restore
 reads straight into the target shardings. Before restoring, the saved parameter signature is
 compared with the model being trained, so a workdir from a different model is refused rather
-than silently overwritten.
+than silently overwritten. A step damaged after it was committed (a file cut short or deleted)
+is set aside, and the run resumes from the newest intact one (mim_jax/checkpoint_damage.py).
 """
 
-import logging
+import logging as std_logging
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
+from mim_jax import checkpoint_damage
 from mim_jax import tree_paths
 
 # Orbax saves a replicated array cooperatively: each replica writes a slice of it, cut by a
@@ -24,9 +27,9 @@ from mim_jax import tree_paths
 # save. Only arrays of at least 1 MiB per replica's slice are split; smaller ones are written
 # whole by one replica, as orbax does for arrays that are not replicated.
 MIN_REPLICA_SLICE_BYTES = 2 ** 20
-_absl_logger = logging.getLogger("absl")
+_absl_logger = std_logging.getLogger("absl")
 _level = _absl_logger.level
-_absl_logger.setLevel(logging.ERROR)  # orbax warns on every override; this one is on purpose
+_absl_logger.setLevel(std_logging.ERROR)  # orbax warns on every override; this one is on purpose
 try:
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(
@@ -37,6 +40,10 @@ finally:
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of a different model."""
+
+
+class NoIntactCheckpointError(ValueError):
+  """Every checkpoint of the workdir is damaged."""
 
 
 def param_signature(params: Any) -> dict[str, list[int]]:
@@ -71,8 +78,45 @@ class Checkpointer:
                        "data": grain.checkpoint.CheckpointHandler(),
                        "signature": ocp.JsonCheckpointHandler()})
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def restore_newest(self, abstract_state: Any, iterator: Any) -> tuple[Any, int] | None:
+    """Restores the newest intact checkpoint (see `restore`) and returns (state, its step), or
+    None when there is no checkpoint. Newer steps that are damaged are logged and, once an
+    intact one is restored, moved to <workdir>/checkpoints_damaged. Raises
+    NoIntactCheckpointError, moving nothing, when every step is damaged."""
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      step_dir = os.path.join(self.directory, str(step))
+      try:
+        state = self.restore(step, abstract_state, iterator)
+      except Exception as error:  # pylint: disable=broad-except
+        reason = checkpoint_damage.describe(error, step_dir)
+        if reason is None:
+          raise
+        logging.warning("checkpoint step %d is damaged: %s", step, reason)
+        damaged.append(step_dir)
+        continue
+      self._set_aside(damaged)
+      return state, step
+    if damaged:
+      raise NoIntactCheckpointError(
+          f"every checkpoint in {self.directory} is damaged (the warnings above say why); "
+          f"nothing was moved or deleted: restore them from a backup, or pass another "
+          f"--workdir to start afresh")
+    return None
+
+  def _set_aside(self, step_dirs: list[str]) -> None:
+    """Moves damaged steps out of the manager's sight (by process 0, the others waiting), so
+    that saving those steps again and keep-last-N never meet them."""
+    if not step_dirs:
+      return
+    if jax.process_index() == 0:
+      for step_dir in step_dirs:
+        logging.warning("moved the damaged checkpoint %s to %s", step_dir,
+                        checkpoint_damage.move_aside(step_dir))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoint_damage.move_aside")
+    self._manager.reload()
 
   def save(self, step: int, state: Any, iterator: Any) -> None:
     """Starts an (async) save of `state` and the iterator position at `step`."""

@@ -12,14 +12,20 @@ It lives at the bottom floor (it imports nothing of mim_jax), so any entry point
 
 import errno
 import functools
+import logging
 import os
 import sys
 from typing import Callable, NoReturn
 
 from absl import flags
 
+
+class DiskFullError(OSError):
+  """A save failed for want of space; the message says what it needs and what was kept."""
+
+
 KNOWN = (ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError,
-         IsADirectoryError, PermissionError)
+         IsADirectoryError, PermissionError, DiskFullError)
 DISK = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
         errno.EDQUOT: "the disk quota is exceeded"}
 
@@ -37,6 +43,36 @@ def describe(error: BaseException) -> str | None:
   if isinstance(error, KNOWN):
     return " ".join(str(error).split("\n")[0].split()) or type(error).__name__
   return None
+
+
+class _BackgroundTracebacks(logging.Filter):
+  """Drops the tracebacks of orbax's records and the asyncio records of unretrieved tasks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+      return False
+    if "/orbax/" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def quiet_background_errors(handler: logging.Handler) -> None:
+  """Keeps the echoes of a failed checkpoint save off stderr, so that its error line ends the
+  output alone: the main thread gets the error from orbax and reports it (in one line when it
+  is a known one, such as a full disk), but orbax also logs it with its traceback from each of
+  its background threads, asyncio logs the tasks left unretrieved as they are collected, after
+  the error line, and tensorstore's writes still in flight then call back into orbax's event
+  loop, closed by then, each printing "Event loop is closed" with a traceback. The messages of
+  orbax's records stay, without their tracebacks."""
+  handler.addFilter(_BackgroundTracebacks())
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

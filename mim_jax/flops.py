@@ -5,6 +5,7 @@ backward computes two matmuls per forward one). XLA's cost_analysis() is a cross
 counts a scan body once, includes remat recompute and reports per device under sharding.
 """
 
+import functools
 import math
 import time
 
@@ -165,6 +166,7 @@ def jaxpr_matmul_flops(jaxpr) -> int:
   return total
 
 
+@functools.cache  # one measurement per process: every run in it reports against the same peak
 def matmul_peak(dtype: jnp.dtype = jnp.float32, sizes: tuple[int, ...] | None = None,
                 repeats: int = 5) -> float:
   """Measured FLOP/s of one device on square matmuls: the ceiling MFU is reported against.

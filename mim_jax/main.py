@@ -14,11 +14,15 @@ multi-process launch (a TPU pod, or SLURM/GPU hosts), JAX's distributed runtime 
 first: set MIM_JAX_DISTRIBUTED=1 or pass --distributed, and jax.distributed.initialize() reads
 the coordinator and process ids from the cluster environment; or pass --coordinator_address,
 --num_processes and --process_id explicitly (several processes on one machine).
+
+Ctrl-C saves a checkpoint at the next step and exits 130; SIGTERM does the same and exits 0
+(mim_jax/preemption.py).
 """
 
 import json
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app
@@ -29,6 +33,7 @@ from ml_collections import config_flags
 from mim_jax import config_validation
 from mim_jax import errors
 from mim_jax import evaluate
+from mim_jax import preemption
 from mim_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
@@ -61,6 +66,8 @@ class _QuietLibraries(std_logging.Filter):
 @errors.reporting
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not errors.verbose(sys.argv):
+    errors.quiet_background_errors(logging.get_absl_handler())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value or _COORDINATOR.value:
@@ -74,7 +81,10 @@ def main(argv: list[str]) -> None:
   if _MODE.value == "eval":
     results = evaluate.run(config, _WORKDIR.value)
   else:
-    results = train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+      results = train.train_and_evaluate(config, _WORKDIR.value)
+    except preemption.Interrupted:  # stopped by Ctrl-C, everything saved; the log says so
+      sys.exit(preemption.CTRL_C_EXIT)
   if jax.process_index() == 0:
     print("final: " + json.dumps(results, sort_keys=True))
 

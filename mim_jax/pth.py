@@ -12,9 +12,14 @@ The unpickler here is restricted: it resolves only the few names a state dict ne
 rebuild functions, the storage types, OrderedDict) and turns every other global into an inert
 placeholder, so reading a file never runs code from it, which plain pickle would. Tensors stay
 lazy until asked for, so the optimizer state that training checkpoints also hold is never read.
+
+A file that cannot be read is told apart by its first bytes: a zip archive without its end
+(a download or copy cut short) is not the legacy format of PyTorch < 1.6, and each gets its own
+advice.
 """
 
 import collections
+import os
 import pickle
 import zipfile
 from typing import Any, Callable
@@ -30,8 +35,16 @@ _STORAGE_DTYPES = {
 }
 
 
+# Every zip archive, torch.save's included, starts with a local file header.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 class UnsupportedFormatError(ValueError):
   """The file is not a zip-format PyTorch checkpoint."""
+
+
+class CorruptFileError(ValueError):
+  """The file is cut short or damaged, e.g. by an interrupted download."""
 
 
 class _StorageType:
@@ -158,13 +171,35 @@ def read_state_dict(path: str, pick: Callable[[Any], Any] = lambda obj: obj
 
   `pick` maps the saved object to the state dict (e.g. `lambda obj: obj['model']` for MAE's
   releases); it sees every tensor as a `LazyTensor`, and only the tensors of what it returns are
-  read. Entries that are not tensors are skipped. Raises UnsupportedFormatError for files that
-  are not zip-format PyTorch checkpoints (PyTorch < 1.6's legacy format).
+  read. Entries that are not tensors are skipped. Raises FileNotFoundError for a missing file,
+  CorruptFileError for one cut short or damaged, and UnsupportedFormatError for files that are
+  not zip-format PyTorch checkpoints (PyTorch < 1.6's legacy format).
   """
-  if not zipfile.is_zipfile(path):
-    raise UnsupportedFormatError(
-        f"{path} is not a zip-format PyTorch checkpoint (files from PyTorch < 1.6 use another "
-        f"format): re-save it with a recent torch, torch.save(torch.load(path), path)")
+  _check_archive(path)
+  try:
+    return _read_archive(path, pick)
+  except zipfile.BadZipFile as error:  # a complete archive whose contents are damaged
+    raise CorruptFileError(f"{path} is corrupt ({error}): download or copy it again") from error
+
+
+def _check_archive(path: str) -> None:
+  """Raises, naming `path`, unless it is a complete zip archive."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: check the path")
+  if zipfile.is_zipfile(path):
+    return
+  with open(path, "rb") as f:
+    head = f.read(len(_ZIP_MAGIC))
+  if _ZIP_MAGIC.startswith(head):  # a zip's start (or nothing at all), but no end
+    raise CorruptFileError(
+        f"{path} is truncated ({os.path.getsize(path)} bytes: a zip archive without its end, as "
+        f"an interrupted download or copy leaves it): download or copy it again")
+  raise UnsupportedFormatError(
+      f"{path} is not a zip-format PyTorch checkpoint (files from PyTorch < 1.6 use another "
+      f"format): re-save it with a recent torch, torch.save(torch.load(path), path)")
+
+
+def _read_archive(path: str, pick: Callable[[Any], Any]) -> dict[str, np.ndarray]:
   with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:

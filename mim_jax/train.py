@@ -8,7 +8,6 @@ global mesh, and each process feeds its own shard of the batch.
 """
 
 import inspect
-import signal
 from typing import Any, Callable
 
 import flax
@@ -21,11 +20,13 @@ import optax
 from absl import logging
 
 from mim_jax import checkpoint
+from mim_jax import disk_full
 from mim_jax import final_results
 from mim_jax import flops
 from mim_jax import init_from
 from mim_jax import methods
 from mim_jax import optim
+from mim_jax import preemption
 from mim_jax import sharding
 from mim_jax import workdir_lock
 from mim_jax.data import pipeline
@@ -134,31 +135,6 @@ def device_batch(host_batch: dict[str, Any], inputs: dict[str, jax.ShapeDtypeStr
 
 
 # ---------------------------------------------------------------------------------------------
-# Preemption: SIGTERM asks for a checkpoint at the next step boundary.
-# ---------------------------------------------------------------------------------------------
-
-class PreemptionWatcher:
-  """On one process a SIGTERM handler sets a flag. On several, JAX's coordination service
-  delivers the preemption notice and every process agrees on the same step to stop at."""
-
-  def __init__(self):
-    self._flag = False
-    if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the next step and stopping.")
-    self._flag = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
@@ -194,15 +170,15 @@ def restore_or_create(config: ml_collections.ConfigDict, workdir: str, abstract:
                       iterator: Any, create: Callable[[], TrainState]
                       ) -> tuple[checkpoint.Checkpointer, TrainState, int | None]:
   """Opens workdir's checkpoints and returns (checkpointer, state, step of the restored
-  checkpoint or None). The state is the newest checkpoint, restored into `abstract`'s shardings
-  (and checked against the model before anything is compiled; `iterator` moves to its saved
-  position), or, in a fresh workdir, `create()`."""
+  checkpoint or None). The state is the newest intact checkpoint (damaged newer ones are set
+  aside), restored into `abstract`'s shardings (and checked against the model before anything
+  is compiled; `iterator` moves to its saved position), or, in a fresh workdir, `create()`."""
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-  last_saved = ckpt.latest_step()
-  if last_saved is None:
+  restored = ckpt.restore_newest(abstract, iterator)
+  if restored is None:
     return ckpt, create(), None
-  state = ckpt.restore(last_saved, abstract, iterator)
+  state, last_saved = restored
   logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
   return ckpt, state, last_saved
 
@@ -211,18 +187,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from the newest checkpoint in workdir), then runs the final evals.
   Returns the last logged metrics and the eval results (also written to workdir/results.json;
   rerunning a finished run returns them without training or evaluating again). Process 0 holds
-  the workdir's lock throughout: a second run on the same workdir is refused, naming this one."""
+  the workdir's lock throughout: a second run on the same workdir is refused, naming this one.
+  SIGTERM or Ctrl-C stops it at the next step with a checkpoint, or stops the final evals
+  (mim_jax/preemption.py); after a Ctrl-C it raises preemption.Interrupted once all is saved."""
   init_from.check(config, workdir)  # before anything is written: a typo leaves no workdir
-  if jax.process_index() != 0:
-    return _train_and_evaluate(config, workdir)
-  with workdir_lock.hold(workdir, log=logging.warning):
-    return _train_and_evaluate(config, workdir)
+  # The handlers come first, so a signal during start-up or compilation is not lost either.
+  with preemption.Watcher() as watcher:
+    if jax.process_index() != 0:
+      results = _train_and_evaluate(config, workdir, watcher)
+    else:
+      with workdir_lock.hold(workdir, log=logging.warning):
+        results = _train_and_evaluate(config, workdir, watcher)
+  watcher.raise_if_interrupted()
+  return results
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  # Installed first, so a preemption during start-up or compilation is not lost either.
-  preemption = PreemptionWatcher()
-
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        watcher: preemption.Watcher) -> dict[str, float]:
   # Mesh and input.
   mesh = sharding.make_mesh()
   iterator = pipeline.train_iterator(config)
@@ -272,39 +253,53 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       lr_fn=optim.learning_rate(config), write=writer.write,
       check=lambda s, values: check_finite(s, values, last_saved, ckpt))
 
-  # The loop. Any exit from it, an error included, lets in-flight saves commit first.
-  try:
-    while step < config.total_steps:
-      batch = device_batch(next(iterator), inputs, batch_sharding)
-      state, metrics = train_step(state, batch, train_rng)
-      step += 1
-      progress.push(step, metrics)  # reads the previous step's metrics, logs on log steps
+  # The loop. Any exit from it, an error included, lets in-flight saves commit first. A save
+  # that fails for a full disk ends the run with one line: the space needed, the step kept.
+  with disk_full.reported(ckpt.directory, disk_full.state_bytes(abstract)):
+    try:
+      while step < config.total_steps:
+        batch = device_batch(next(iterator), inputs, batch_sharding)
+        state, metrics = train_step(state, batch, train_rng)
+        step += 1
+        progress.push(step, metrics)  # reads the previous step's metrics, logs on log steps
 
-      preempted = preemption.reached(step)
-      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        check_savable(step, fetch(metrics), state.params, last_saved, ckpt)
-        ckpt.save(step, state, iterator)
-        last_saved = step
-      if eval_suite.due(step) and not preempted:  # periodic evals: config.eval.every_steps
-        check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
-        with progress.paused():  # not counted against the throughput
-          writer.write(step, eval_suite.run(state.params, config.eval.run_name))
-      if preempted:
-        logging.warning("stopped for preemption at step %d; rerun the same command to resume",
-                        step)
-        break
-    progress.flush()  # the last step is always logged, so a resumed run continues it
-  finally:
-    ckpt.wait()
-    ckpt.close()
+        preempted = watcher.reached(step)
+        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+          check_savable(step, fetch(metrics), state.params, last_saved, ckpt)
+          ckpt.save(step, state, iterator)
+          last_saved = step
+        if eval_suite.due(step) and not preempted:  # periodic evals: config.eval.every_steps
+          check_finite(step, fetch(metrics), last_saved, ckpt)  # never evaluate a broken state
+          with progress.paused():  # not counted against the throughput
+            writer.write(step, eval_suite.run(state.params, config.eval.run_name))
+        if preempted:
+          logging.warning("stopped %s at step %d; rerun the same command to resume", watcher.cause,
+                          step)
+          break
+      watcher.training_done(step)
+      progress.flush()  # the last step is always logged, so a resumed run continues it
+    finally:
+      try:
+        ckpt.wait()
+      finally:
+        ckpt.close()
 
   results = dict(progress.last)
   if step >= config.total_steps:
-    evals = final.run(config, workdir, model, state.params, eval_suite,
-                      lambda rng: methods.init_params(model, config, rng), init_rng)
-    if evals:
-      writer.write(step, evals)
-    results.update(evals)
-    final_results.write(workdir, step, results)
+    try:
+      with watcher.final_evals():
+        logging.info("training done (step %d); running the final evaluations", step)
+        evals = final.run(config, workdir, model, state.params, eval_suite,
+                          lambda rng: methods.init_params(model, config, rng), init_rng)
+    except preemption.EvalsStopped:
+      # No results.json: a rerun of the same command finds the checkpoint at total_steps
+      # and runs the final evals alone.
+      logging.warning("final evaluations stopped %s; rerun the same command, or --mode=eval, "
+                      "to run them", watcher.cause)
+    else:
+      if evals:
+        writer.write(step, evals)
+      results.update(evals)
+      final_results.write(workdir, step, results)
   writer.close()
   return results

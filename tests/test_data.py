@@ -1,7 +1,9 @@
 """Tests of mim_jax.data: sources, augmentation and the grain pipelines, on CPU in seconds."""
 
 import io
+import logging
 import pathlib
+import re
 import sys
 
 import ml_collections
@@ -10,6 +12,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from mim_jax import errors
 from mim_jax.data import augment
 from mim_jax.data import eval_arrays
 from mim_jax.data import get_source
@@ -242,6 +245,42 @@ def test_folder_truncated_jpeg_found_on_access(tmp_path):
   config.data.on_corrupt = "skip"
   source = get_source(config.data, "train", 16)
   np.testing.assert_array_equal(source[0]["image"], source[1]["image"])  # The next file.
+
+
+def truncated_jpeg_folder(root: pathlib.Path) -> pathlib.Path:
+  """Six JPEGs whose third is cut in half: its header passes the upfront check, its pixels do
+  not decode (issue 10, case 6)."""
+  for i in range(6):
+    write_image(root / f"{i}.jpg", i, fmt="JPEG", size=(64, 64))
+  data = (root / "2.jpg").read_bytes()
+  (root / "2.jpg").write_bytes(data[: len(data) // 2])
+  return root / "2.jpg"
+
+
+def test_truncated_jpeg_stops_the_first_batch_in_one_line(tmp_path):
+  bad = truncated_jpeg_folder(tmp_path)
+  config = make_config(f"folder:{tmp_path}", channels=3)
+  with pytest.raises(ValueError) as caught:
+    next(train_iterator(config, process_index=0, process_count=1))  # 8 > 6: reads every file
+  assert re.fullmatch(rf"folder source: cannot decode image file {re.escape(str(bad))}: [^;]+; "
+                      r"replace or remove it, or set data.on_corrupt='skip' to read the next "
+                      r"file in its place", errors.describe(caught.value)), caught.value
+
+
+def test_truncated_jpeg_skipped_counted_and_resumed_exactly(tmp_path, caplog):
+  bad = truncated_jpeg_folder(tmp_path)
+  config = make_config(f"folder:{tmp_path}", channels=3, on_corrupt="skip")
+  iterator = train_iterator(config, process_index=0, process_count=1)
+  with caplog.at_level(logging.WARNING):
+    take(iterator, 2)
+    state = iterator.get_state()
+    rest = take(iterator, 3)  # five batches of 8 from 6 files: the bad one met every epoch
+  warnings = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+  assert len(warnings) == 1, warnings  # once per file, not per read
+  assert str(bad) in warnings[0] and "1 such files met so far" in warnings[0], warnings
+  resumed = train_iterator(config, process_index=0, process_count=1)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), rest)
 
 
 # ---------------------------------------------------------------- tfds source

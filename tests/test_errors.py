@@ -2,6 +2,10 @@
 tests/test_train.py."""
 
 import errno
+import io
+import logging
+import sys
+import types
 
 import pytest
 
@@ -53,6 +57,35 @@ def test_reporting_exits_with_one_line(capsys, monkeypatch):
 
   with pytest.raises(RuntimeError, match="unforeseen"):
     buggy([])
+
+
+def test_a_failed_saves_echoes_leave_the_error_line_alone(monkeypatch):
+  """What orbax, asyncio and tensorstore print around a failed save, as seen on a full disk."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  handler = logging.StreamHandler(io.StringIO())
+  errors.quiet_background_errors(handler)
+
+  def log(name, pathname, msg):
+    try:
+      raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device")
+    except ValueError:
+      record = logging.LogRecord(name, logging.ERROR, pathname, 1, msg, None, sys.exc_info())
+    handler.handle(record)
+
+  log("absl", "/site-packages/orbax/checkpoint/_src/futures/future.py", "thread failed")
+  log("asyncio", "/asyncio/base_events.py", "Task exception was never retrieved\nfuture: ..")
+  log("absl", "/work/main/mim_jax/train.py", "ours")
+  lines = handler.stream.getvalue().splitlines()
+  assert lines[0] == "thread failed" and lines[1] == "ours", lines
+  assert lines[2] == "Traceback (most recent call last):"  # kept: not orbax's
+  assert "never retrieved" not in handler.stream.getvalue()
+
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("a bug"))
+  sys.unraisablehook(closed)
+  sys.unraisablehook(other)
+  assert seen == [other]
 
 
 def test_pretrained_sources_are_checked_before_anything_is_written(tmp_path):

@@ -77,11 +77,15 @@ class SequenceSource:
     return lambda record, rng: record  # no augmentation
 
 
-@pytest.fixture
-def toy_registered(monkeypatch):
+def register_toy(monkeypatch: pytest.MonkeyPatch) -> None:
   monkeypatch.setitem(methods.METHODS, "toy_frames", TOY_METHOD)
   monkeypatch.setitem(sources.SOURCES, "toy_sequences",
                       lambda arg, data, split, image_size: SequenceSource(split))
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+  register_toy(monkeypatch)
 
 
 def toy_config(total_steps: int) -> ml_collections.ConfigDict:

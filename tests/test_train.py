@@ -42,6 +42,8 @@ COMMON = {"log_every_steps": 1, "optim.warmup_steps": 5, "optim.base_lr": 1e-2,
           "eval.linear_probe.enabled": False, "eval.reconstruction_png": False}
 REF_STEPS = 100
 REF = {**COMMON, "total_steps": REF_STEPS, "checkpoint.every_steps": 10}
+# A run stopped by a signal long before its end, saving only when stopped.
+LONG_RUN = {**COMMON, "total_steps": 100_000, "checkpoint.every_steps": 100_000}
 PEAK_LR = 1e-2 * 16 / 256
 RUN_TIMEOUT_S = 300
 
@@ -243,14 +245,18 @@ def test_resume_after_sigkill_is_bit_exact(reference_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def signalled_after_three_steps(signum: int, workdir: pathlib.Path,
+                                log: pathlib.Path) -> tuple[int, str]:
+  """A LONG_RUN sent `signum` once it has logged three steps: its exit status and its log."""
+  run = Started(workdir, LONG_RUN, log)
+  run.wait_until(lambda: len(logged_steps(workdir)) >= 3, "three logged steps")
+  run.proc.send_signal(signum)
+  return run.finish()
+
+
 def test_sigterm_checkpoints_then_rerun_resumes(tmp_path):
   workdir = tmp_path / "preempted"
-  long_run = {**COMMON, "total_steps": 100_000, "checkpoint.every_steps": 100_000}
-
-  run = Started(workdir, long_run, tmp_path / "first.log")
-  run.wait_until(lambda: len(logged_steps(workdir)) >= 3, "three logged steps")
-  run.proc.send_signal(signal.SIGTERM)
-  rc, log = run.finish()
+  rc, log = signalled_after_three_steps(signal.SIGTERM, workdir, tmp_path / "first.log")
   assert rc == 0, log[-3000:]
   stopped = int(re.search(r"stopped for preemption at step (\d+)", log).group(1))
   assert 3 <= stopped < 100_000
@@ -258,7 +264,7 @@ def test_sigterm_checkpoints_then_rerun_resumes(tmp_path):
   assert logged_steps(workdir) == list(range(1, stopped + 1))
 
   # The same command resumes from the preemption checkpoint, and can be preempted again.
-  run = Started(workdir, long_run, tmp_path / "second.log")
+  run = Started(workdir, LONG_RUN, tmp_path / "second.log")
   run.wait_until(lambda: logged_steps(workdir)[-1] >= stopped + 3, "three steps after resuming")
   run.proc.send_signal(signal.SIGTERM)
   rc, log = run.finish()
@@ -270,6 +276,38 @@ def test_sigterm_checkpoints_then_rerun_resumes(tmp_path):
   assert logged_steps(workdir) == list(range(1, stopped_again + 1))
   losses = [row["loss"] for row in read_metrics(workdir)]
   assert all(math.isfinite(x) for x in losses)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_then_a_signal_stops_the_final_evals(tmp_path):
+  workdir = tmp_path / "interrupted"
+  rc, log = signalled_after_three_steps(signal.SIGINT, workdir, tmp_path / "ctrl_c.log")
+  assert rc == 130, log[-3000:]
+  assert "Ctrl-C received: saving a checkpoint at the next step and stopping; press Ctrl-C " \
+         "again to exit at once" in log
+  stopped = int(re.search(r"stopped by Ctrl-C at step (\d+); rerun the same command to resume",
+                          log).group(1))
+  assert committed_steps(workdir) == [stopped]
+  assert logged_steps(workdir) == list(range(1, stopped + 1))
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
+  # The same workdir with total_steps at that step has nothing left to train: the run goes
+  # straight to its final evals, and a SIGTERM there stops them (exit 0), keeping the checkpoint.
+  checkpoints = snapshot(workdir / "checkpoints")
+  evals = {**LONG_RUN, "total_steps": stopped, "eval.knn.enabled": True,
+           "eval.reconstruction_png": True}
+  run = Started(workdir, evals, tmp_path / "evals.log")
+  run.wait_until(lambda: "running the final evaluations" in run.log.read_text(), "final evals")
+  run.proc.send_signal(signal.SIGTERM)
+  rc, log = run.finish()
+  assert rc == 0, log[-3000:]
+  assert "SIGTERM received after training: the final evaluations stop; the checkpoint of step " \
+         f"{stopped} is saved." in log
+  assert "final evaluations stopped for preemption; rerun the same command, or --mode=eval, " \
+         "to run them" in log
+  assert "saving a checkpoint at the next step" not in log and "Traceback" not in log
+  assert not (workdir / "results.json").exists()
+  assert not [row for row in read_metrics(workdir) if "knn/pretrained" in row]
+  assert snapshot(workdir / "checkpoints") == checkpoints
 
 
 def test_workdir_of_another_model_is_refused_and_left_untouched(reference_run, tmp_path):

@@ -12,6 +12,9 @@ import argparse
 import copy
 import json
 import math
+import re
+import struct
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from conftest import no_evals
 from conftest import random_images
 from conftest import run_module
 from mim_jax import checkpoint
+from mim_jax import errors
 from mim_jax import evaluate
 from mim_jax import masking
 from mim_jax import methods
@@ -313,6 +317,53 @@ def test_pth_reader_needs_no_torch_and_reads_every_layout(official):
   got = pth.read_state_dict(str(odd_path))
   for name, value in odd.items():
     np.testing.assert_array_equal(got[name].astype(np.float32), value.float().numpy())
+
+
+def test_unreadable_pth_files_are_told_apart_in_one_line(official, tmp_path):
+  """A missing file, a download cut short, a damaged tensor and PyTorch < 1.6's legacy format
+  each get their own advice, in one line, on --mode=eval's path as on pth's."""
+  import torch  # pylint: disable=g-import-not-at-top
+  config, _, state, path = official
+  model_only = lambda obj: obj["model"]
+
+  def refused(error_type, file, match):
+    with pytest.raises(error_type) as raised:
+      pth.read_state_dict(str(file), model_only)
+    assert re.fullmatch(match, errors.describe(raised.value)), errors.describe(raised.value)
+
+  refused(FileNotFoundError, tmp_path / "nope.pth", rf"{tmp_path}/nope.pth does not exist: .*")
+
+  data = path.read_bytes()
+  truncated = tmp_path / "truncated.pth"
+  for size in (len(data) // 2, 2, 0):
+    truncated.write_bytes(data[:size])
+    refused(pth.CorruptFileError, truncated,
+            rf"{truncated} is truncated \({size} bytes: .*\): download or copy it again")
+  # --mode=eval's path: refused while loading, before any evaluator runs.
+  truncated.write_bytes(data[:len(data) // 2])
+  config = copy.deepcopy(config)
+  config.eval.init_from = str(truncated)
+  with pytest.raises(pth.CorruptFileError, match="is truncated"):
+    evaluate.run(config, str(tmp_path / "eval"))
+
+  # One byte flipped inside the largest tensor: the archive is whole, its CRC check fails.
+  with zipfile.ZipFile(path) as archive:
+    entry = max(archive.infolist(), key=lambda info: info.file_size)
+  name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26:
+                                                 entry.header_offset + 30])
+  start = entry.header_offset + 30 + name_len + extra_len  # torch stores entries uncompressed
+  flipped = bytearray(data)
+  flipped[start + entry.file_size // 2] ^= 0xFF
+  damaged = tmp_path / "damaged.pth"
+  damaged.write_bytes(bytes(flipped))
+  refused(pth.CorruptFileError, damaged,
+          rf"{damaged} is corrupt \(Bad CRC-32 .*\): download or copy it again")
+
+  legacy = tmp_path / "legacy.pth"
+  torch.save({"model": state}, legacy, _use_new_zipfile_serialization=False)
+  refused(pth.UnsupportedFormatError, legacy,
+          rf"{legacy} is not a zip-format PyTorch checkpoint \(files from PyTorch < 1.6 .*\): "
+          rf"re-save it with a recent torch, .*")
 
 
 # ---------------------------------------------------------------------------------------------

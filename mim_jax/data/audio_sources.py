@@ -115,13 +115,15 @@ class AudioFolderSource(AudioSource):
     self._labels = listing.labels
     self._sample_rate = sample_rate
     self._on_corrupt = on_corrupt
+    self.corrupt_on_read: set[pathlib.Path] = set()  # found by decoding (on_corrupt='skip')
 
   def __len__(self) -> int:
     return len(self._files)
 
   def __getitem__(self, index: int) -> Record:
     i, audio = sources.read_first_decodable(self._files, index, "audio", self._read,
-                                            soundfile.SoundFileError, self._on_corrupt)
+                                            soundfile.SoundFileError, self._on_corrupt,
+                                            self.corrupt_on_read)
     return _record(audio, self._labels[i])
 
   def _read(self, path: pathlib.Path) -> np.ndarray:

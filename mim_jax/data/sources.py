@@ -306,18 +306,27 @@ def list_folder(path: str, split: str, what: str, extensions: tuple[str, ...],
 
 def read_first_decodable(files: list[pathlib.Path], index: int, what: str,
                          read: Callable[[pathlib.Path], Any],
-                         errors: type[Exception], on_corrupt: str) -> tuple[int, Any]:
+                         errors: type[Exception], on_corrupt: str,
+                         found: set[pathlib.Path]) -> tuple[int, Any]:
   """Returns (i, read(files[i])) for i = index, or, with on_corrupt='skip', the first file after
   it (wrapping around) whose read raises no `errors`: damage that the upfront header check
-  cannot see. Skipping to the next file keeps the order deterministic."""
+  cannot see. Skipping to the next file keeps the order deterministic, so a resumed run reads
+  what an uninterrupted one would. `found` holds the files found corrupt so far; this adds to
+  it, and warns once per file with the count."""
   for offset in range(len(files)):
     i = (index + offset) % len(files)
     try:
       return i, read(files[i])
     except errors as e:
       if on_corrupt == "error":
-        raise ValueError(f"folder source: cannot decode {what} file {files[i]}: {e}") from e
-      logging.warning("folder source: skipping corrupt %s file %s: %s", what, files[i], e)
+        raise ValueError(f"folder source: cannot decode {what} file {files[i]}: {e}; replace "
+                         f"or remove it, or set data.on_corrupt='skip' to read the next file "
+                         f"in its place") from e
+      if files[i] not in found:
+        found.add(files[i])
+        logging.warning("folder source: skipping corrupt %s file %s (%s), which passed the "
+                        "header check; the next file is read in its place, at every epoch "
+                        "alike; %d such files met so far.", what, files[i], e, len(found))
   raise ValueError(f"folder source: no decodable {what} file among {len(files)}.")
 
 
@@ -340,13 +349,14 @@ class FolderSource:
     self._labels = listing.labels
     self._channels = channels
     self._on_corrupt = on_corrupt
+    self.corrupt_on_read: set[pathlib.Path] = set()  # found by decoding (on_corrupt='skip')
 
   def __len__(self) -> int:
     return len(self._files)
 
   def __getitem__(self, index: int) -> Record:
     i, image = read_first_decodable(self._files, index, "image", self._decode, OSError,
-                                    self._on_corrupt)
+                                    self._on_corrupt, self.corrupt_on_read)
     return _record(image, self._labels[i])
 
   def _decode(self, path: pathlib.Path) -> np.ndarray:

@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mim_jax import config_validation
+from mim_jax import errors
 from mim_jax import flops
 from mim_jax import methods
 from mim_jax import optim
@@ -70,6 +71,7 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   return batch
 
 
+@errors.reporting
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -123,4 +125,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

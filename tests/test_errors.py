@@ -1,5 +1,6 @@
-"""One clear line per known error (mim_jax/errors.py); the command-line cases run in
-tests/test_train.py."""
+"""One clear line per known error (mim_jax/errors.py): its rules, and the tools' command lines
+(python -m mim_jax.main's cases run in tests/test_train.py, mim_jax.tools.plot's in
+tests/test_plot.py)."""
 
 import errno
 import io
@@ -9,6 +10,7 @@ import types
 
 import pytest
 
+from conftest import run_module
 from mim_jax import checkpoint
 from mim_jax import errors
 from mim_jax import pretrained
@@ -98,3 +100,18 @@ def test_pretrained_sources_are_checked_before_anything_is_written(tmp_path):
     pretrained.check_source(str(tmp_path / "weights.bin"))
   (tmp_path / "mae.pth").write_bytes(b"")
   pretrained.check_source(str(tmp_path / "mae.pth"))  # exists, and the kind is known
+
+
+@pytest.mark.parametrize("module, flags, expected", [
+    ("mim_jax.tools.export", ["--config=configs/mae_vit.py:variant=Mu/4",
+                              "--source=/nonexistent/mae.pth", "--out=/tmp/unused.npz"],
+     "error: pretrained source '/nonexistent/mae.pth' does not exist"),
+    ("mim_jax.tools.kmeans", ["--config=configs/mae_vit.py:variant=Mu/4"],
+     "error: the config has no data.targets section"),
+    ("mim_jax.bench", ["--config=configs/mae_vit.py:variant=Mu/4,image_size=big"],
+     "error: config argument image_size='big' must be an integer"),
+])
+def test_tools_report_known_errors_in_one_line(module, flags, expected):
+  result = run_module(module, *flags)
+  assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]

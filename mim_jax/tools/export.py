@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mim_jax import errors
 from mim_jax import models
 from mim_jax import pretrained
 from mim_jax import tree_paths
@@ -54,6 +55,7 @@ def export(source: str, config, out: str, what: str = "encoder") -> dict:
   return meta
 
 
+@errors.reporting
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -62,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

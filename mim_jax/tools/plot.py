@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from absl import app
 from absl import flags
 
+from mim_jax import errors
+
 Series = dict[str, tuple[list[int], list[float]]]
 
 # Panel name -> which metric names it shows.
@@ -85,6 +87,7 @@ def plot(workdir: str, out_dir: str | None = None) -> dict[str, Series]:
   return written
 
 
+@errors.reporting
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -98,4 +101,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run's workdir (holds metrics.jsonl).")
   flags.DEFINE_string("out", None, "Output folder; default <workdir>/plots.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -142,7 +142,8 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   """The mask generator (mim_jax/masking.py) a method draws through, by name, and every
   generator's knobs, so `--config.mask.name=<other>` works with its defaults."""
   m = ml_collections.ConfigDict()
-  m.name = name                  # random | block | coarse (masking.GENERATORS).
+  m.name = name                  # random | block | coarse | <red|blue|green|purple>_noise
+                                 # (masking.GENERATORS).
   m.ratio = ratio                # Share of patches masked (for MP3: left out of the context).
   m.random = ml_collections.ConfigDict()  # i.i.d. uniform scores (MAE, sec. 3): no knobs.
   # BEiT's block-wise masking (Bao et al. 2021, algorithm 1), as CAE uses it.
@@ -153,6 +154,15 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   # SimMIM's random masking of square cells (Xie et al. 2022: 32 px).
   m.coarse = ml_collections.ConfigDict()
   m.coarse.cell = coarse_cell    # Cell side in patches: 32 px is 2 ViT/16 or 8 Swin patches.
+  # ColorMAE's coloured noise (Hinojosa et al. 2024; green is its best): the visible patches are
+  # where filtered white noise is highest. `sigmas` are the Gaussian filters' stds in patches
+  # (mim_jax/color_noise.py). The authors ship precomputed patterns, not their filter widths;
+  # these put each colour's passband in its own part of the patch grid's spectrum (half-power
+  # at 0.12 cycles/patch for red, above 0.37 for blue, between for green; purple removes
+  # green's band).
+  for color, sigmas in (("red", (1.5,)), ("blue", (0.5,)), ("green", (0.5, 1.5)),
+                        ("purple", (0.5, 1.5))):
+    m[f"{color}_noise"] = ml_collections.ConfigDict({"sigmas": sigmas})
   return m
 
 

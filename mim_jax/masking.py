@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax import color_noise
 from mim_jax.registry import Registry
 
 
@@ -212,6 +213,24 @@ def coarse_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: f
 
 
 # ---------------------------------------------------------------------------------------------
+# ColorMAE's coloured-noise masks (Hinojosa et al. 2024): mim_jax/color_noise.py makes the field.
+# ---------------------------------------------------------------------------------------------
+
+def color_noise_mask(color: str) -> Callable[..., Mask]:
+  """The generator of `color` noise masks: (rng, batch, grid, ratio, *, sigmas) -> Mask, with
+  the filter widths `sigmas` in patches (color_noise.response)."""
+
+  def generate(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
+               sigmas: tuple[float, ...]) -> Mask:
+    scores = color_noise.field(rng, batch, grid, color, tuple(sigmas)).reshape(batch, -1)
+    # ColorMAE keeps the patches where the noise is highest visible (its argsort is descending).
+    return keep_lowest(-scores, num_visible(grid[0] * grid[1], mask_ratio))
+
+  generate.__name__ = f"{color}_noise_mask"
+  return generate
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry, and drawing by name.
 # ---------------------------------------------------------------------------------------------
 
@@ -221,6 +240,7 @@ GENERATORS: Registry = Registry("mask generator", {
     "random": random_mask,
     "block": block_mask,
     "coarse": coarse_mask,
+    **{f"{color}_noise": color_noise_mask(color) for color in color_noise.COLORS},
 })
 
 

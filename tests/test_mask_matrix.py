@@ -79,7 +79,8 @@ def test_every_mask_traces_through_every_method(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method, mask", [("mae", "block"), ("simmim_vit", "random"),
-                                          ("position", "coarse"), ("cae", "random")])
+                                          ("position", "coarse"), ("cae", "random"),
+                                          ("crate_mae", "purple_noise")])
 def test_masks_run_with_other_methods(method, mask):
   config = config_with(method, mask)
   loss = jax.jit(loss_fn(config))(jax.random.key(0))
@@ -96,10 +97,25 @@ def test_each_generator_masks_exactly_the_promised_count(mask):
   assert not kept.any()  # ids_keep are exactly the visible patches
 
 
+@pytest.mark.parametrize("mask", MASKS)
+def test_each_generator_draws_every_step_without_retracing(mask):
+  spec = masking.MaskSpec.from_config(config_with("mae", mask).mask)
+  traces = []
+
+  @jax.jit
+  def step_masks(rng):
+    traces.append(1)
+    return masking.draw(rng, 4, (4, 4), spec).mask
+  masks = [np.asarray(step_masks(jax.random.key(step))) for step in range(3)]
+  assert len(traces) == 1, mask
+  assert not all((m == masks[0]).all() for m in masks[1:]), mask  # a new mask every step
+
+
 def test_a_bad_mask_config_names_the_value_and_the_valid_ones():
   config = config_with("mae", "checkerboard")
   with pytest.raises(ValueError, match=r"unknown mask generator 'checkerboard'; valid: "
-                                       r"\['block', 'coarse', 'random'\]"):
+                                       r"\['block', 'blue_noise', 'coarse', 'green_noise', "
+                                       r"'purple_noise', 'random', 'red_noise'\]"):
     config_validation.validate(config)
   config = config_with("simmim_vit", "coarse")
   config.mask.coarse.cell = 3

@@ -4,7 +4,9 @@ The full matrix is traced, not compiled (compilation is what costs time on CPU):
 on its encoder and each mask in masking.GENERATORS, the method's loss traces to a scalar with
 the mask drawn through `masking.draw` with exactly the configured spec. A few pairs, covering
 every generator on a method whose default it is not, then run for real: finite losses, and the
-generator's exact count."""
+generator's exact count. The mask gallery (python -m mim_jax.tools.mask_gallery) draws them all."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,11 @@ from configs import mae_vit
 from configs import position_vit
 from configs import simmim_swin
 from configs import simmim_vit
+from conftest import run_module
 from mim_jax import config_validation
 from mim_jax import masking
 from mim_jax import methods
+from mim_jax.tools import mask_gallery
 
 # Tiny configs, each on a 4x4 patch grid (16 px, patch 4) where every generator fits: blocks
 # of >= 4 patches (BEiT's 16 cannot fit under 4x4) and coarse cells of 2x2 patches.
@@ -121,3 +125,23 @@ def test_a_bad_mask_config_names_the_value_and_the_valid_ones():
   config.mask.coarse.cell = 3
   with pytest.raises(ValueError, match=r"mask.coarse.cell 3 .*valid: \[1, 2\]"):
     config_validation.validate(config)
+
+
+def test_gallery_greys_each_generators_masked_patches_and_the_tool_writes_it(tmp_path):
+  config = config_with("mae", "random")
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
+  images[images == mask_gallery.GREY] = 0  # so grey marks masked pixels only
+  rows = mask_gallery.masked_rows(config, images)
+  assert set(rows) == set(MASKS)
+  for name, row in rows.items():
+    assert isinstance(row, np.ndarray), (name, row)  # config_with's knobs fit the 4x4 grid
+    masked = (row == mask_gallery.GREY).reshape(3, 4, 4, 4, 4).all(axis=(2, 4))  # per patch
+    assert (masked.sum(axis=(1, 2)) == 8).all(), name  # ratio 0.5 of 16 patches
+    np.testing.assert_array_equal(row[row != mask_gallery.GREY], images[row != mask_gallery.GREY])
+  # The command line, on the digits config, where BEiT's default 16-patch blocks do not fit.
+  out = tmp_path / "masks.png"
+  result = run_module("mim_jax.tools.mask_gallery", "--config=configs/mae_vit.py:runlocal",
+                      f"--out={out}", "--images=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  drawn = json.loads(result.stdout.split(": ", 1)[1])
+  assert drawn == sorted(set(MASKS) - {"block"}) and out.stat().st_size > 10_000

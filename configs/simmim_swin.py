@@ -9,7 +9,8 @@ Run (the paper's Swin-B recipe: 192 px, window 6, 100 epochs at batch 2048; a GP
 The recipe (SimMIM's ablation setting and its released Swin-B config): input 192x192, window 6, mask
 cells of 32 px with ratio 0.6, a linear head with pixel shuffle, L1 loss on masked pixels;
 AdamW (0.9, 0.999), weight decay 0.05, lr 8e-4 at batch 2048 (base 2e-4 per 512 images),
-10 warmup epochs then cosine decay to 1e-5, gradient clipping at norm 5, no stochastic depth
+10 warmup epochs then cosine decay to 4e-5 (1e-5 per 512 images: main_simmim.py scales the
+base, warmup and minimum lr alike by batch / 512), gradient clipping at norm 5, no stochastic depth
 in pretraining; RandomResizedCrop scale (0.67, 1) and horizontal flips.
 Differences: the warmup starts at 0 rather than 1e-6.
 
@@ -104,11 +105,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict({"name": "simmim"})
   c.mask = simmim_mask(common.int_arg(args, "mask_patch", 8 if runlocal else 32), c.model.patch)
 
-  # 10 warmup epochs, lr 2e-4 per 512 images (8e-4 at 2048), cosine to 1e-5.
+  # 10 warmup epochs, lr 2e-4 per 512 images (8e-4 at 2048), cosine to 1e-5 per 512 images
+  # (simmim_pretrain__swin_base__img192_window6__100ep.yaml: BASE_LR 2e-4, MIN_LR 1e-5, both
+  # scaled by batch / 512 in main_simmim.py).
   warmup_epochs = 4 if runlocal else 10
   # SwinTransformerForSimMIM.no_weight_decay() adds 'mask_token' (Swin has no cls token).
   c.optim = simmim_optim(2e-4 if not runlocal else 2e-3, warmup_epochs * steps_per_epoch,
-                         min_lr=1e-5, no_decay_tokens=("mask_token",))
+                         min_lr=1e-5 * batch_size / 512, no_decay_tokens=("mask_token",))
   c.data = simmim_data(data)
   c.sharding = common.sharding_config()
   c.checkpoint = common.checkpoint_config(runlocal)

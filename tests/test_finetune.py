@@ -385,3 +385,14 @@ def test_finetune_digits_end_to_end_and_rerun(tmp_path):
   again = train.train_and_evaluate(config, str(workdir))
   assert again == results
   assert (workdir / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in rows]
+
+
+@pytest.mark.parametrize("variant, epochs, base_lr, layer_decay, drop_path", [
+    ("B/16", 100, 5e-4, 0.65, 0.1), ("L/16", 50, 1e-3, 0.75, 0.2), ("H/14", 50, 1e-3, 0.75, 0.3)])
+def test_each_size_takes_maes_released_recipe(variant, epochs, base_lr, layer_decay, drop_path):
+  """MAE's FINETUNE.md commands, per ViT size (5 warmup epochs each), at batch 1024."""
+  c = finetune_vit.get_config(f"variant={variant},data=tfds:imagenet2012")
+  steps_per_epoch = c.total_steps // epochs
+  assert c.total_steps == epochs * steps_per_epoch and c.optim.warmup_steps == 5 * steps_per_epoch
+  assert (c.optim.base_lr, c.optim.layer_decay, c.method.drop_path) == (base_lr, layer_decay,
+                                                                        drop_path)

@@ -14,6 +14,7 @@ def write_run(workdir) -> None:
   for step in (10, 20, 30):
     writer.write(step, {"loss": 1.0 / step, "lr": 1e-3 * step, "images_per_sec": 50.0 + step,
                         "mfu": 0.3})
+  writer.write(20, {"knn/pretrained": 0.7})  # a periodic eval
   writer.write(30, {"knn/pretrained": 0.9, "knn/random_init": 0.8, "finetune/top1": 0.95})
   writer.close()
 
@@ -22,16 +23,19 @@ def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
   write_run(tmp_path)
   result = run_module("mim_jax.tools.plot", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
-  for panel in ("loss", "lr", "images_per_sec", "evals"):
+  for panel in ("loss", "lr", "images_per_sec", "evals", "final"):
     with Image.open(tmp_path / "plots" / f"{panel}.png") as image:
       assert image.format == "PNG" and image.size == (600, 400)
-  assert "finetune/top1, knn/pretrained, knn/random_init" in result.stdout
+  assert "final.png: finetune/top1, knn/pretrained, knn/random_init" in result.stdout
 
   drawn = plot.plot(str(tmp_path), str(tmp_path / "again"))
   by_panel = {path.rsplit("/", 1)[-1]: series for path, series in drawn.items()}
   assert by_panel["loss.png"] == {"loss": ([10, 20, 30], [0.1, 0.05, 1 / 30])}
   assert by_panel["lr.png"]["lr"][1] == pytest.approx([0.01, 0.02, 0.03])
-  assert by_panel["evals.png"]["knn/random_init"] == ([30], [0.8])
+  # Curves for the evals logged at several steps; every eval's last value in the bar chart.
+  assert by_panel["evals.png"] == {"knn/pretrained": ([20, 30], [0.7, 0.9])}
+  assert by_panel["final.png"]["knn/random_init"] == ([30], [0.8])
+  assert set(by_panel["final.png"]) == {"finetune/top1", "knn/pretrained", "knn/random_init"}
   assert "mfu" not in {name for series in drawn.values() for name in series}
 
 

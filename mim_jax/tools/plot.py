@@ -3,13 +3,17 @@ r"""Training curves from a run's `metrics.jsonl`, as PNG files.
   python -m mim_jax.tools.plot --workdir=workdirs/demo [--out=DIR]
 
 Writes one PNG per panel into `--out` (default `<workdir>/plots`): `loss.png` (every metric whose
-name contains 'loss'), `lr.png`, `images_per_sec.png`, and `evals.png` (the evaluators' metrics,
-the names with a '/', such as 'knn/pretrained'), each against the training step. Panels with no
-data are skipped. Works on a run in progress: it reads whatever has been logged so far.
+name contains 'loss'), `lr.png`, `images_per_sec.png` and `evals.png` (the evaluators' metrics,
+the names with a '/' such as 'knn/pretrained', that were logged at more than one step: periodic
+evals), each against the training step; and `final.png`, a grouped bar chart of every
+evaluator's last value: one group per evaluator ('knn', 'few_shot/10shot', ...), one bar per
+encoder it read (pretrained, random_init, pixels, ...), the value written on each bar. Panels
+with no data are skipped. Works on a run in progress: it reads whatever has been logged so far.
 """
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import matplotlib
@@ -28,7 +32,7 @@ PANELS: dict[str, Callable[[str], bool]] = {
     "loss": lambda name: "loss" in name and "/" not in name,
     "lr": lambda name: name == "lr",
     "images_per_sec": lambda name: name == "images_per_sec",
-    "evals": lambda name: "/" in name,
+    "evals": lambda name: "/" in name,  # of these, only the series of more than one point
 }
 
 
@@ -65,7 +69,8 @@ def plot(workdir: str, out_dir: str | None = None) -> dict[str, Series]:
   os.makedirs(out_dir, exist_ok=True)
   written = {}
   for panel, selects in PANELS.items():
-    shown = {name: s for name, s in sorted(series.items()) if selects(name)}
+    shown = {name: s for name, s in sorted(series.items()) if selects(name)
+             and (panel != "evals" or len(s[0]) > 1)}
     if not shown:
       continue
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -84,7 +89,37 @@ def plot(workdir: str, out_dir: str | None = None) -> dict[str, Series]:
     fig.savefig(png)
     plt.close(fig)
     written[png] = shown
+  final = {name: s for name, s in sorted(series.items()) if PANELS["evals"](name)}
+  if final:
+    png = os.path.join(out_dir, "final.png")
+    bar_chart(final, png, os.path.basename(os.path.abspath(workdir)))
+    written[png] = final
   return written
+
+
+def bar_chart(evals: Series, png: str, title: str) -> None:
+  """Writes the grouped bar chart of each '<evaluator>/<encoder>' series' last value."""
+  natural = lambda text: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+  groups = sorted({name.rpartition("/")[0] for name in evals}, key=natural)  # 1shot < 10shot
+  encoders = sorted({name.rpartition("/")[2] for name in evals},
+                    key=lambda e: (e != "pretrained", e))  # the pretrained encoder first
+  width = 0.8 / len(encoders)
+  fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(encoders) / 3)), 4),
+                         dpi=100)
+  for i, encoder in enumerate(encoders):
+    x = [g + (i - (len(encoders) - 1) / 2) * width for g in range(len(groups))]
+    heights = [evals.get(f"{group}/{encoder}", ([], [float("nan")]))[1][-1] for group in groups]
+    bars = ax.bar(x, heights, width, label=encoder)
+    ax.bar_label(bars, labels=[f"{h:.2f}" if h == h else "" for h in heights], fontsize=6,
+                 padding=1)
+  ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+  ax.set_ylabel("final value")
+  ax.set_title(f"final evaluations ({title})")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png)
+  plt.close(fig)
 
 
 @errors.reporting

@@ -1,31 +1,25 @@
-"""notebooks/mae_demo.ipynb runs top to bottom (nbclient, a real Jupyter kernel on CPU) against a
-tiny MAE checkpoint this test trains first, and its k-NN result is a real accuracy."""
+"""notebooks/mae_demo.ipynb runs top to bottom (nbclient, a real Jupyter kernel on CPU) as on a
+fresh clone: with no checkpoint at its source it pretrains a tiny MAE there itself (4 steps),
+then shows it, and its k-NN result is a real accuracy."""
 
 import json
 
 import nbclient
 import nbformat
 
-from configs import mae_vit
 from conftest import MICRO_MAE
 from conftest import REPO
-from conftest import no_evals
-from mim_jax import train
 
 
-def test_demo_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
-  config = mae_vit.get_config(MICRO_MAE)
-  config.total_steps = 4
-  config.checkpoint.every_steps = 4
-  no_evals(config)  # The notebook runs its own k-NN.
-  train.train_and_evaluate(config, str(tmp_path / "run"))
+def test_demo_notebook_pretrains_when_no_checkpoint_exists_then_shows_it(tmp_path, monkeypatch):
 
   nb = nbformat.read(REPO / "notebooks" / "mae_demo.ipynb", as_version=4)
   # Read back the k-NN figures the last cell leaves in the kernel.
   nb.cells.append(nbformat.v4.new_code_cell(
       "import json; print('KNN=' + json.dumps(KNN_RESULTS))"))
   monkeypatch.setenv("MIM_JAX_REPO", str(REPO))
-  monkeypatch.setenv("MIM_JAX_SOURCE", str(tmp_path / "run"))
+  monkeypatch.setenv("MIM_JAX_SOURCE", str(tmp_path / "run"))  # absent: the notebook trains it
+  monkeypatch.setenv("MIM_JAX_PRETRAIN_STEPS", "4")
   monkeypatch.setenv("MIM_JAX_CONFIG", f"configs/mae_vit.py:{MICRO_MAE}")
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
@@ -35,6 +29,8 @@ def test_demo_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "Mu/4" in text and str(tmp_path / "run") in text
+  assert f"no checkpoint at {str(tmp_path / 'run')!r}: pretraining" in text
+  assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
   # The reconstruction grid and the mask gallery are drawn as images.
   assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
   knn = json.loads(text.split("KNN=")[1].splitlines()[0])

@@ -14,9 +14,7 @@ import json
 
 import jax
 import matplotlib
-
-matplotlib.use("Agg")  # Files only: no display is needed.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from absl import app
@@ -94,6 +92,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  matplotlib.use("Agg")  # Files only: no display is needed. (Not at import: the notebook draws.)
   # Defined here, not at import, so importing this module next to other tools (tests, the
   # notebook) does not clash with their flags.
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top

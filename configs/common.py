@@ -231,15 +231,30 @@ def eval_config(runlocal: bool, *, feature: str = "cls", reconstruction_png: boo
   p.warmup_epochs = 10
   p.seed = 0                     # Head init and shuffling.
 
-  # Few-shot linear evaluation (closed-form ridge onto +-1 targets, big_vision style):
-  # evaluators/few_shot.py.
+  # Few-shot linear evaluation: closed-form least squares onto +-1 targets from n examples per
+  # class (evaluators/few_shot.py). Results: 'few_shot/<n>shot', the mean top-1 over seeds,
+  # and with more than one seed 'few_shot/<n>shot_std'.
   f = e.few_shot = ml_collections.ConfigDict()
   f.enabled = probes
   f.feature = feature
-  f.shots = (1, 5, 10, 25)       # Training examples per class; one result each.
-  f.l2_regs = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # Ridge strengths; picked per n
-                                 # by leave-one-out error (1-shot: the largest n's pick).
-  f.seed = 0                     # Which examples are drawn.
+  f.protocol = "ridge_loo"       # ridge_loo | big_vision (few_shot.PROTOCOLS), each with its
+                                 # section below, so `protocol=<other>` works with its defaults.
+  f.shots = (1, 5, 10, 25)       # Training examples per class; one result each (big_vision's
+                                 # too: configs/common_fewshot.py).
+  f.seed = 0                     # Seeds seed, seed + 1, ... draw the examples (big_vision:
+                                 # 0, 1, 2 as np.random.default_rng seeds).
+  # mim_jax's own: centred features scaled to a mean squared norm of 1, an unregularised bias,
+  # and the l2 picked per n by leave-one-out error on the n-shot set (1-shot: the largest n's).
+  f.ridge_loo = ml_collections.ConfigDict()
+  f.ridge_loo.l2_regs = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # Candidates.
+  f.ridge_loo.num_seeds = 1      # The measured 10-shot numbers in configs/ and README are of
+                                 # one seed.
+  # big_vision's (big_vision/evaluators/fewshot_lsr.py): each dimension whitened by the n-shot
+  # set's mean and std, a constant bias feature of 100, one fixed l2 for every n and source,
+  # nested n-shot sets per seed.
+  f.big_vision = ml_collections.ConfigDict()
+  f.big_vision.l2_reg = 2.0 ** 10  # big_vision/configs/common_fewshot.py's l2_reg.
+  f.big_vision.num_seeds = 3     # Its num_seeds (ibid.); it logs each seed, we the mean and std.
 
   # Top-1 of a classifier's predictions on the whole eval split, streamed (evaluators/top1.py).
   e.top1 = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """Tests of the evaluators (mim_jax/evaluators/): k-NN against a brute-force reference, the
 BatchNorm linear probe on 8 devices against 1, few-shot sampling and its closed-form ridge,
+big_vision's few-shot protocol against the same formula in numpy and its seed mean / std,
 feature specs (cls / gap of any block), accuracies on digits well above chance (raw pixels and
 a random-init micro ViT), periodic evals in a pretraining run's metrics.jsonl, and config
 errors. Everything runs on the 8 fake CPU devices of conftest.py.
@@ -152,6 +153,12 @@ def test_paper_probe_recipe_in_config():
 # Few-shot.
 # ---------------------------------------------------------------------------------------------
 
+def few_shot_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(mae_vit.get_config(ARG).eval.few_shot.to_dict())
+  cfg.update(overrides)
+  return cfg
+
+
 def test_few_shot_sampling():
   labels = np.repeat(np.arange(10), 30)[np.random.default_rng(0).permutation(300)]
   for n in (1, 5, 10, 25):
@@ -161,9 +168,16 @@ def test_few_shot_sampling():
     np.testing.assert_array_equal(idx, few_shot.sample_shots(labels, n, 10, seed=0))
   assert not np.array_equal(few_shot.sample_shots(labels, 5, 10, 0),
                             few_shot.sample_shots(labels, 5, 10, 1))
-  assert few_shot.sample_shots(labels, 31, 10, seed=0) is None  # a class has only 30
-  cfg = ml_collections.ConfigDict({"shots": (1, 31), "l2_regs": (1.0,), "seed": 0})
+  cfg = few_shot_config(shots=(5, 31))
+  cfg.ridge_loo.l2_regs = (1.0,)
   x = np.random.default_rng(1).normal(size=(300, 4))
+  # Every class has 30 examples: 31-shot is skipped. By default ridge_loo runs one seed (no
+  # std), big_vision three.
+  for protocol, keys in (("ridge_loo", {"few_shot/5shot"}),
+                         ("big_vision", {"few_shot/5shot", "few_shot/5shot_std"})):
+    cfg.protocol = protocol
+    assert set(few_shot.evaluate(cfg, (x, labels), (x, labels), 10, None)) == keys
+  cfg.update(protocol="ridge_loo", shots=(1, 31))
   with pytest.raises(ValueError, match="1-shot needs a larger n"):
     few_shot.evaluate(cfg, (x, labels), (x, labels), 10, None)  # 31-shot skipped, then 1-shot
 
@@ -187,6 +201,81 @@ def test_ridge_closed_form_and_leave_one_out():
     errors.append(((y[i] - pred) ** 2).mean())
   assert model["loo_error"] == pytest.approx(np.mean(errors), rel=1e-9)
   assert few_shot.fit_ridge(x, y, [1e-3, 0.5, 1e3])["l2"] in (1e-3, 0.5, 1e3)
+
+
+def test_big_vision_protocol_against_numpy():
+  """'big_vision' = big_vision/evaluators/fewshot_lsr.py written out here: the draw (one
+  default_rng(seed) permutation per class, the first n of each), per-dimension whitening by
+  the n-shot set's mean and std + 1e-5, a constant feature of 100, {-1, 1} one-hot targets,
+  a fixed l2 (solved here as least squares on the l2-augmented system), argmax on the test
+  set; with fewer rows than dimensions (n = 2) and more (n = 12)."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 16))
+  train_y, test_y = rng.permutation(np.repeat(np.arange(4), 15)), rng.integers(0, 4, 50)
+  # Dimensions of very different scales and offsets, which the whitening evens out.
+  scales, offsets = rng.uniform(0.01, 100, 16), rng.normal(size=16) * 50
+  feats = lambda y: (centres[y] + 1.5 * rng.normal(size=(len(y), 16))) * scales + offsets
+  train_x, test_x = feats(train_y), feats(test_y)
+  cfg = few_shot_config(protocol="big_vision", shots=(2, 12), seed=3)
+  cfg.big_vision.update(l2_reg=8.0, num_seeds=1)
+  got = few_shot.evaluate(cfg, (train_x, train_y), (test_x, test_y), 4, None)
+  shuffle = np.random.default_rng(3)
+  order = [shuffle.permutation(np.flatnonzero(train_y == c)) for c in range(4)]
+  for n in (2, 12):
+    idx = np.concatenate([o[:n] for o in order])
+    x, y = train_x[idx], train_y[idx]
+    mean, std = x.mean(0), np.sqrt(((x - x.mean(0)) ** 2).mean(0)) + 1e-5
+    xb = np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])
+    targets = np.where(y[:, None] == np.arange(4), 1.0, -1.0)
+    w = np.linalg.lstsq(np.vstack([xb, np.sqrt(8.0) * np.eye(17)]),
+                        np.vstack([targets, np.zeros((17, 4))]), rcond=None)[0]
+    model = few_shot.fit_whitened(x, few_shot.pm1_targets(y, 4), 8.0)
+    np.testing.assert_allclose(model["w"], w, rtol=1e-8, atol=1e-10, err_msg=f"{n}-shot")
+    test_b = np.hstack([(test_x - mean) / std, np.full((50, 1), 100.0)])
+    top1 = ((test_b @ w).argmax(1) == test_y).mean()
+    assert got[f"few_shot/{n}shot"] == top1 and 0.4 < top1 < 1, (n, top1)  # chance: 0.25
+  assert set(got) == {"few_shot/2shot", "few_shot/12shot"}  # one seed: no std
+
+
+def test_few_shot_seed_mean_and_std():
+  """num_seeds seeds from `seed` on, each with its own draw: the result is the mean of their
+  top-1 and the sample std; a seed's n-shot sets are nested (big_vision) or not (ridge_loo)."""
+  rng = np.random.default_rng(1)
+  labels = rng.permutation(np.repeat(np.arange(5), 12))
+  x = np.eye(5)[labels] @ rng.normal(size=(5, 8)) + 2 * rng.normal(size=(60, 8))
+  for protocol in ("big_vision", "ridge_loo"):
+    cfg = few_shot_config(protocol=protocol, shots=(2, 5), seed=7)
+    cfg[protocol].num_seeds = 3
+    got = few_shot.evaluate(cfg, (x, labels), (x, labels), 5, None)
+    runs = [few_shot.PROTOCOLS[protocol](cfg[protocol], (x, labels), (x, labels), 5, [2, 5], s)
+            for s in (7, 8, 9)]
+    for n in (2, 5):
+      top1 = [r[n] for r in runs]
+      assert len(set(top1)) > 1, (protocol, n, top1)  # the draws differ: so do the results
+      assert got[f"few_shot/{n}shot"] == pytest.approx(np.mean(top1), abs=1e-12)
+      assert got[f"few_shot/{n}shot_std"] == pytest.approx(np.std(top1, ddof=1), abs=1e-12)
+  draws = [set(few_shot.nested_shots(labels, 5, 5, s)) for s in (7, 8, 9)]
+  assert draws[0] != draws[1] != draws[2] != draws[0]
+  assert set(few_shot.nested_shots(labels, 2, 5, 7)) < draws[0]
+  assert not set(few_shot.sample_shots(labels, 2, 5, 7)) < set(
+      few_shot.sample_shots(labels, 5, 5, 7))
+
+
+def test_few_shot_config_errors():
+  config = mae_vit.get_config(ARG)
+  config.eval.few_shot.protocol = "bigvision"
+  with pytest.raises(ValueError) as error:
+    config_validation.validate(config)
+  assert str(error.value) == ("eval.few_shot.protocol must be one of ['big_vision', "
+                              "'ridge_loo'], got 'bigvision'")
+  config.eval.few_shot.protocol, config.eval.few_shot.shots = "big_vision", (1,)
+  config_validation.validate(config)  # a fixed l2: 1-shot alone is fine
+  config.eval.few_shot.protocol = "ridge_loo"
+  with pytest.raises(ValueError, match="1-shot takes its l2 strength from the largest n"):
+    config_validation.validate(config)
+  config.eval.few_shot.shots, config.eval.few_shot.big_vision.num_seeds = (5,), 0
+  with pytest.raises(ValueError, match="num_seeds must be positive"):
+    config_validation.validate(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ def write_run(workdir) -> None:
     writer.write(step, {"loss": 1.0 / step, "lr": 1e-3 * step, "images_per_sec": 50.0 + step,
                         "mfu": 0.3})
   writer.write(20, {"knn/pretrained": 0.7})  # a periodic eval
-  writer.write(30, {"knn/pretrained": 0.9, "knn/random_init": 0.8, "finetune/top1": 0.95})
+  writer.write(30, {"knn/pretrained": 0.9, "knn/random_init": 0.8, "finetune/top1": 0.95,
+                    "few_shot/10shot/pretrained": 0.7, "few_shot/10shot_std/pretrained": 0.02})
   writer.close()
 
 
@@ -26,7 +27,8 @@ def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
   for panel in ("loss", "lr", "images_per_sec", "evals", "final"):
     with Image.open(tmp_path / "plots" / f"{panel}.png") as image:
       assert image.format == "PNG" and image.size == (600, 400)
-  assert "final.png: finetune/top1, knn/pretrained, knn/random_init" in result.stdout
+  assert ("final.png: few_shot/10shot/pretrained, few_shot/10shot_std/pretrained, finetune/top1, "
+          "knn/pretrained, knn/random_init") in result.stdout
 
   drawn = plot.plot(str(tmp_path), str(tmp_path / "again"))
   by_panel = {path.rsplit("/", 1)[-1]: series for path, series in drawn.items()}
@@ -35,7 +37,9 @@ def test_cli_writes_one_png_per_panel_with_the_logged_values(tmp_path):
   # Curves for the evals logged at several steps; every eval's last value in the bar chart.
   assert by_panel["evals.png"] == {"knn/pretrained": ([20, 30], [0.7, 0.9])}
   assert by_panel["final.png"]["knn/random_init"] == ([30], [0.8])
-  assert set(by_panel["final.png"]) == {"finetune/top1", "knn/pretrained", "knn/random_init"}
+  assert set(by_panel["final.png"]) == {"finetune/top1", "knn/pretrained", "knn/random_init",
+                                        "few_shot/10shot/pretrained",
+                                        "few_shot/10shot_std/pretrained"}
   assert "mfu" not in {name for series in drawn.values() for name in series}
 
 

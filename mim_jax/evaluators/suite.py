@@ -72,10 +72,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"got {p.optimizer!r}")
   if p.batch_size <= 0 or p.epochs <= 0 or not 0 <= p.warmup_epochs <= p.epochs:
     raise ValueError("eval.linear_probe needs batch_size > 0 and 0 <= warmup_epochs <= epochs")
-  shots, l2_regs = tuple(e.few_shot.shots), tuple(e.few_shot.l2_regs)
-  if not shots or min(shots) <= 0 or not l2_regs or min(l2_regs) <= 0:
-    raise ValueError("eval.few_shot.shots and l2_regs must be non-empty and positive")
-  if 1 in shots and max(shots) == 1:
+  f = e.few_shot
+  if f.protocol not in few_shot.PROTOCOLS:
+    raise ValueError(f"eval.few_shot.protocol must be one of {few_shot.PROTOCOLS.names()}, "
+                     f"got {f.protocol!r}")
+  shots, l2_regs = tuple(f.shots), tuple(f.ridge_loo.l2_regs)
+  if not shots or min(shots) <= 0 or not l2_regs or min(l2_regs) <= 0 or f.big_vision.l2_reg <= 0:
+    raise ValueError("eval.few_shot.shots, ridge_loo.l2_regs and big_vision.l2_reg must be "
+                     "non-empty and positive")
+  if min(f.ridge_loo.num_seeds, f.big_vision.num_seeds) <= 0:
+    raise ValueError("eval.few_shot.<protocol>.num_seeds must be positive")
+  if f.protocol == "ridge_loo" and 1 in shots and max(shots) == 1:
     raise ValueError("eval.few_shot.shots: 1-shot takes its l2 strength from the largest n, "
                      "so it needs an n > 1 next to it")
 

@@ -98,9 +98,11 @@ def plot(workdir: str, out_dir: str | None = None) -> dict[str, Series]:
 
 
 def bar_chart(evals: Series, png: str, title: str) -> None:
-  """Writes the grouped bar chart of each '<evaluator>/<encoder>' series' last value."""
+  """Writes the grouped bar chart of each '<evaluator>/<encoder>' series' last value. A series
+  '<evaluator>_std/<encoder>' (an evaluator averaged over seeds) is its bar's error bar."""
   natural = lambda text: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-  groups = sorted({name.rpartition("/")[0] for name in evals}, key=natural)  # 1shot < 10shot
+  groups = sorted({name.rpartition("/")[0] for name in evals
+                   if not name.rpartition("/")[0].endswith("_std")}, key=natural)  # 1 < 10shot
   encoders = sorted({name.rpartition("/")[2] for name in evals},
                     key=lambda e: (e != "pretrained", e))  # the pretrained encoder first
   width = 0.8 / len(encoders)
@@ -108,8 +110,11 @@ def bar_chart(evals: Series, png: str, title: str) -> None:
                          dpi=100)
   for i, encoder in enumerate(encoders):
     x = [g + (i - (len(encoders) - 1) / 2) * width for g in range(len(groups))]
-    heights = [evals.get(f"{group}/{encoder}", ([], [float("nan")]))[1][-1] for group in groups]
-    bars = ax.bar(x, heights, width, label=encoder)
+    last = lambda name: evals.get(name, ([], [float("nan")]))[1][-1]
+    heights = [last(f"{group}/{encoder}") for group in groups]
+    errors_ = [last(f"{group}_std/{encoder}") for group in groups]
+    bars = ax.bar(x, heights, width, label=encoder,
+                  yerr=None if all(e != e for e in errors_) else errors_, capsize=2)
     ax.bar_label(bars, labels=[f"{h:.2f}" if h == h else "" for h in heights], fontsize=6,
                  padding=1)
   ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)

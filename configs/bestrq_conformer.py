@@ -16,10 +16,11 @@ and cached; a 4-block Conformer of width 96):
 
   python -m mim_jax.main --config=configs/bestrq_conformer.py:runlocal --workdir=/tmp/bestrq_local
 
-Expected (see the README's Speech section for the measured table): the loss falls from about
-ln(1024) = 6.9 and the masked-frame accuracy rises; the final table gives k-NN, linear probe
-and few-shot accuracy on the test speakers' digits for the pretrained encoder, the same encoder
-at random init, and log-mel statistics.
+Expected (measured on a 2-core CPU: 2.6 min wall, 25 s of it compiling and 24 s the final
+evaluations): the loss falls from ln(1024) = 6.9 to 4.5 and the masked-frame accuracy rises;
+top-1 on the test speakers' digits (README's Speech section), for the pretrained encoder / the
+same encoder at random init / log-mel statistics: k-NN 0.918 / 0.518 / 0.776, linear probe
+0.935 / 0.759 / 0.888, 10-shot 0.929 / 0.624 / 0.759.
 
 The argument after ':' is a comma-separated list:
   variant=<S|M|L|Ti|Mu>          Conformer size (Gulati et al. 2020, table 1; Ti/Mu are tiny)

@@ -18,8 +18,8 @@ and cached; a 4-block Conformer of width 96):
   python -m mim_jax.main --config=configs/wav2vec2_conformer.py:runlocal \
       --workdir=/tmp/wav2vec2_local
 
-Expected (measured on the shared 2-core CPU: 3.6 min wall under a load of about 4, of which
-40 s compiling; the bench step is as fast as BEST-RQ's): the loss falls from 4.80 (about
+Expected (measured on a 2-core CPU: 2.6 min wall, while a test ran next to it; the bench step
+is as fast as BEST-RQ's): the loss falls from 4.80 (about
 ln 101, chance among the positive and K = 100 distractors) to 3.70, the contrastive accuracy
 rises from 0.18 to 0.46; top-1 on the test speakers' digits, from the mean of the
 second-to-last block's output over the real frames:

@@ -36,6 +36,9 @@ def verbose(argv: list[str]) -> bool:
 
 def describe(error: BaseException) -> str | None:
   """The one-line message of a known error, or None for an unknown one."""
+  if isinstance(error, FileExistsError):
+    return (f"cannot make the directory {error.filename}: a file of that name exists; pass a "
+            f"--workdir that is a directory or does not exist yet")
   if isinstance(error, OSError) and error.errno in DISK:
     where = error.filename or "the workdir"
     return (f"cannot write {where}: {DISK[error.errno]}; free some space or pass another "
@@ -98,9 +101,25 @@ def reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's `flags_parser`: a bad flag or config file (a config's own ValueError included, which
-  ml_collections wraps into the flag error with its traceback as text) is one line, status 2."""
+  ml_collections wraps into the flag error with its traceback as text), a missing config file
+  and an override of a field the config does not have are one line, status 2."""
+  for arg in argv[1:]:
+    name, _, value = arg.partition("=")
+    path = value.partition(":")[0]
+    # ml_collections only logs a missing file at parse time and raises at first use.
+    if name.lstrip("-") == "config" and path and not os.path.isfile(path) and not verbose(argv):
+      fail(f"config file {path!r} does not exist (from {arg}); pass one of configs/*.py, "
+           f"e.g. --config=configs/mae_vit.py:runlocal", code=2)
   try:
     return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:  # ml_collections: an override of no such field
+    if verbose(argv):
+      raise
+    field = str(error).strip("\"'")
+    overrides = [a.partition("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if o.split(".")[-1] == field or f".{field}." in o] or overrides
+    fail(f"{named[0] if named else '--config'}: the config has no field {field!r}; "
+         f"--helpfull lists the config's fields as --config.<field>", code=2)
   except flags.Error as error:
     if verbose(argv):
       raise

@@ -338,6 +338,16 @@ def test_tfds_unprepared_dataset(tmp_path):
     get_source(config.data, "train", 16)
 
 
+def test_tfds_half_built_dataset_is_not_prepared(tmp_path):
+  """A version folder without its dataset_info.json (an interrupted `tfds build`) makes tfds
+  raise a KeyError about empty splits: the same one-line advice."""
+  version = str(tfds.builder_cls("mnist").VERSION)
+  (tmp_path / "mnist" / version).mkdir(parents=True)
+  config = make_config("tfds:mnist", tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="tfds:mnist is not prepared as ArrayRecord"):
+    get_source(config.data, "train", 16)
+
+
 def test_tfds_unknown_dataset_names_the_closest_few(tmp_path):
   """Not tfds' list of every dataset (hundreds of lines): the name and a few close ones."""
   config = make_config("tfds:imagenet2013", tfds_data_dir=str(tmp_path))

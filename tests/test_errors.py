@@ -1,5 +1,5 @@
 """One clear line per known error (mim_jax/errors.py): its rules, and the tools' command lines
-(python -m mim_jax.main's cases run in tests/test_train.py, mim_jax.tools.plot's in
+(more of python -m mim_jax.main's cases run in tests/test_train.py, mim_jax.tools.plot's in
 tests/test_plot.py)."""
 
 import errno
@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from conftest import MICRO_MAE
 from conftest import run_module
 from mim_jax import checkpoint
 from mim_jax import errors
@@ -108,6 +109,13 @@ def test_pretrained_sources_are_checked_before_anything_is_written(tmp_path):
      "error: pretrained source '/nonexistent/mae.pth' does not exist"),
     ("mim_jax.tools.kmeans", ["--config=configs/mae_vit.py:variant=Mu/4"],
      "error: the config has no data.targets section"),
+    ("mim_jax.main", ["--config=configs/nope.py", "--workdir=/tmp/unused"],
+     "error: config file 'configs/nope.py' does not exist"),
+    ("mim_jax.main", [f"--config=configs/mae_vit.py:{MICRO_MAE}", "--config.optim.bogus=1",
+                      "--workdir=/tmp/unused"],
+     "error: --config.optim.bogus: the config has no field 'bogus'"),
+    ("mim_jax.main", [f"--config=configs/mae_vit.py:{MICRO_MAE}", f"--workdir={__file__}"],
+     f"error: cannot make the directory {__file__}: a file of that name exists"),
     ("mim_jax.bench", ["--config=configs/mae_vit.py:variant=Mu/4,image_size=big"],
      "error: config argument image_size='big' must be an integer"),
 ])

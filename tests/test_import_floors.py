@@ -23,6 +23,7 @@ FLOORS = {
     "models": 1,
     "flops": 2,        # counts the models' FLOPs
     "evaluators": 2,   # read features through a model they are given
+    "hf_export": 2,    # an MAE's params under transformers' names (reads the models' shapes)
     "methods": 3,      # models + masks -> a loss
     "pretrained": 4,   # parameters that fit a method's model
     "init_from": 5,

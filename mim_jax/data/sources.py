@@ -140,7 +140,11 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> Any:
   try:
     # No download: every host of a pod would fetch at once, and preparing needs TensorFlow.
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except NotImplementedError as e:  # tfds' error for data not prepared as ArrayRecord.
+  except (NotImplementedError, KeyError) as e:
+    # tfds' errors for data not prepared as ArrayRecord, and for a dataset whose description it
+    # ships but whose data was never generated (imagenet2012: "splits is empty").
+    if isinstance(e, KeyError) and "not been generated" not in str(e):
+      raise
     raise ValueError(f"tfds:{name} is not prepared as ArrayRecord in data_dir={data_dir}; "
                      f"run `tfds build {name} --file_format=array_record` once.") from e
   except tfds_registered.DatasetNotFoundError:

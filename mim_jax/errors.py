@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
+from absl import app
 from absl import flags
 
 
@@ -90,6 +91,8 @@ def reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   def wrapped(argv: list[str]) -> None:
     try:
       main(argv)
+    except app.UsageError as error:  # absl would print every flag's help above it
+      fail(f"{error} (--helpshort lists the flags)", code=2)
     except Exception as error:  # pylint: disable=broad-except
       message = describe(error)
       if message is None or verbose(sys.argv):

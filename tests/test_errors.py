@@ -116,6 +116,8 @@ def test_pretrained_sources_are_checked_before_anything_is_written(tmp_path):
      "error: --config.optim.bogus: the config has no field 'bogus'"),
     ("mim_jax.main", [f"--config=configs/mae_vit.py:{MICRO_MAE}", f"--workdir={__file__}"],
      f"error: cannot make the directory {__file__}: a file of that name exists"),
+    ("mim_jax.main", [f"--config=configs/mae_vit.py:{MICRO_MAE}", "--workdir=/tmp/unused",
+                      "extra"], "error: unexpected arguments: ['extra']"),
     ("mim_jax.bench", ["--config=configs/mae_vit.py:variant=Mu/4,image_size=big"],
      "error: config argument image_size='big' must be an integer"),
 ])

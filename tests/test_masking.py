@@ -124,3 +124,30 @@ def test_registry():
   assert masking.GENERATORS["random"] is masking.random_mask
   with pytest.raises(ValueError, match="unknown mask generator 'blocky'.*random"):
     masking.GENERATORS["blocky"]  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize("kind", ["ties", "constant", "extremes", "random"])
+def test_any_scores_give_a_valid_mask_and_ties_break_by_position(kind):
+  """The family's shared step, keep_lowest: whatever the scores (ties, all equal, +-inf and
+  float32's extremes), the mask keeps exactly k distinct patches, ids_restore inverts the shuffle,
+  and equal scores keep the lower patch index first (argsort is stable), so a draw is a function
+  of its scores alone. (Denormals are left out: XLA's CPU sort flushes them to zero, so they tie
+  with 0 where numpy orders them.)"""
+  rng = np.random.default_rng(0)
+  n, k = 24, 7
+  scores = {
+      "ties": rng.integers(0, 3, (64, n)).astype(np.float32),
+      "constant": np.full((64, n), 0.5, np.float32),
+      "extremes": rng.choice(np.array([-np.inf, np.inf, np.finfo(np.float32).max,
+                                       np.finfo(np.float32).min, 0.0, -0.0, 1.0],
+                                      np.float32), (64, n)),
+      "random": rng.normal(size=(64, n)).astype(np.float32),
+  }[kind]
+  m = jax.jit(masking.keep_lowest, static_argnums=1)(jnp.asarray(scores), k)
+  ids_keep, ids_restore, mask = (np.asarray(x) for x in m)
+  np.testing.assert_array_equal(mask.sum(1), n - k)
+  for row in range(64):
+    order = np.argsort(scores[row], kind="stable")  # numpy's stable sort as the reference
+    np.testing.assert_array_equal(ids_keep[row], order[:k])
+    np.testing.assert_array_equal(ids_restore[row][order], np.arange(n))
+    np.testing.assert_array_equal(mask[row], (ids_restore[row] >= k).astype(np.float32))

@@ -14,8 +14,11 @@ utterance_seconds_per_sec, seconds of audio per second), step_ms, compile_s (low
 train_flops_per_image (analytic, from the architecture), achieved_flops_per_sec,
 peak_flops_per_sec (flops.matmul_peak on the same backend and compute dtype, times the device
 count), mfu, xla_flops_per_image (compiled.cost_analysis(), a cross-check: XLA counts per
-device, scaled here by the device count) and page_faults_per_step (host minor faults, which
-the Makefile's GLIBC_TUNABLES remove on CPU).
+device, scaled here by the device count), page_faults_per_step (host minor faults, which
+the Makefile's GLIBC_TUNABLES remove on CPU), and for a config with an image mask
+(`config.mask`), mask_ms and mask_share: the configured generator drawing the batch's masks
+alone, jitted and timed the same way, and its share of step_ms (an upper bound on what the
+masks cost inside the step, where XLA may overlap them with other work).
 """
 
 import json
@@ -33,7 +36,9 @@ from ml_collections import config_flags
 from mim_jax import config_validation
 from mim_jax import errors
 from mim_jax import flops
+from mim_jax import masking
 from mim_jax import methods
+from mim_jax import models
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
@@ -51,6 +56,24 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per module
   return float((cost or {}).get("flops", 0.0))
+
+
+def mask_ms(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> float | None:
+  """Milliseconds to draw one batch's masks with the configured generator (a fresh key each
+  time, as every step has), or None for a config without an image mask."""
+  if "mask" not in config or "ratio" not in config.mask or "image_size" not in config:
+    return None
+  spec = masking.MaskSpec.from_config(config.mask)
+  side = config.image_size // models.build_encoder(config).patch
+  draw = jax.jit(lambda rng: masking.draw(rng, config.batch_size, (side, side), spec).mask,
+                 out_shardings=sharding.batch_sharding(mesh))
+  keys = [jax.random.key(i) for i in range(_WARMUP.value + _STEPS.value)]
+  for key in keys[:_WARMUP.value]:
+    draw(key).block_until_ready()
+  start = time.perf_counter()
+  out = [draw(key) for key in keys[_WARMUP.value:]]
+  jax.block_until_ready(out)
+  return 1e3 * (time.perf_counter() - start) / _STEPS.value
 
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -109,6 +132,9 @@ def main(argv: list[str]) -> None:
   config_arg = next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), "")
   audio = ({"utterance_seconds_per_sec": round(images_per_sec * config.data.clip_seconds, 2)}
            if config.data.get("modality", "image") == "audio" else {})
+  masks = mask_ms(config, mesh)
+  masks = ({} if masks is None else
+           {"mask_ms": round(masks, 3), "mask_share": round(masks / (1e3 * step_s), 4)})
   print(json.dumps({
       "config": config_arg,
       "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
@@ -119,7 +145,7 @@ def main(argv: list[str]) -> None:
       "xla_flops_per_image": _xla_flops(compiled) * devices / config.batch_size,
       "achieved_flops_per_sec": achieved, "peak_flops_per_sec": peak,
       "mfu": round(achieved / peak, 4),
-      "page_faults_per_step": faults // _STEPS.value,
+      "page_faults_per_step": faults // _STEPS.value, **masks,
   }))
 
 

@@ -134,12 +134,18 @@ def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]
           "audio_len": jax.ShapeDtypeStruct((), jnp.int32)}
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def check_speech(config: ml_collections.ConfigDict, method: str) -> None:
+  """Raises ValueError naming `method` unless the config pairs a Conformer with audio data: what
+  every speech method here needs (TERA, HuBERT and wav2vec 2.0 call it too)."""
   if config.model.name != "conformer":
-    raise ValueError(f"BEST-RQ needs model.name 'conformer', got {config.model.name!r}")
+    raise ValueError(f"{method} needs model.name 'conformer', got {config.model.name!r}")
   if config.data.get("modality", "image") != "audio":
-    raise ValueError(f"BEST-RQ needs audio data (data.modality 'audio'), got data.name "
+    raise ValueError(f"{method} needs audio data (data.modality 'audio'), got data.name "
                      f"{config.data.name!r} of modality {config.data.get('modality', 'image')!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  check_speech(config, "BEST-RQ")
   fe = frontend(config)
   frames = logmel.num_frames(num_samples(config), fe)
   if frames < SUBSAMPLING:

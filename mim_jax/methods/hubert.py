@@ -39,6 +39,7 @@ from mim_jax import frame_masking
 from mim_jax import models
 from mim_jax.data import logmel
 from mim_jax.data import targets as targets_lib
+from mim_jax.methods import bestrq
 from mim_jax.models import conformer
 
 SUBSAMPLING = targets_lib.STRIDE  # log-mel frames per encoder frame (and per target)
@@ -135,13 +136,8 @@ class HuBERT(nn.Module):
     return aux
 
 
-def num_samples(config: ml_collections.ConfigDict) -> int:
-  """Samples per utterance: every utterance is cropped or zero-padded to data.clip_seconds."""
-  return round(config.data.clip_seconds * config.data.sample_rate)
-
-
-def frontend(config: ml_collections.ConfigDict) -> logmel.FrontEnd:
-  return logmel.FrontEnd.from_config(config.frontend, config.data.sample_rate)
+num_samples = bestrq.num_samples  # every utterance cropped or zero-padded to the clip length
+frontend = bestrq.frontend
 
 
 def num_targets(config: ml_collections.ConfigDict) -> int:
@@ -163,11 +159,7 @@ def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]
 def validate(config: ml_collections.ConfigDict) -> None:
   """The config's values; the target file itself is checked when the pipeline reads it
   (data/targets.py), which names the k-means command that makes it."""
-  if config.model.name != "conformer":
-    raise ValueError(f"HuBERT needs model.name 'conformer', got {config.model.name!r}")
-  if config.data.get("modality", "image") != "audio":
-    raise ValueError(f"HuBERT needs audio data (data.modality 'audio'), got data.name "
-                     f"{config.data.name!r} of modality {config.data.get('modality', 'image')!r}")
+  bestrq.check_speech(config, "HuBERT")
   if "targets" not in config.data or not config.data.targets.path:
     raise ValueError("HuBERT trains on k-means targets: set data.targets.path to the .npz "
                      "that python -m mim_jax.tools.kmeans writes")

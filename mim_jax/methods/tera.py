@@ -100,11 +100,7 @@ inputs = bestrq.inputs  # raw audio [L] and audio_len: the log-mel runs on the d
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  if config.model.name != "conformer":
-    raise ValueError(f"TERA needs model.name 'conformer', got {config.model.name!r}")
-  if config.data.get("modality", "image") != "audio":
-    raise ValueError(f"TERA needs audio data (data.modality 'audio'), got data.name "
-                     f"{config.data.name!r} of modality {config.data.get('modality', 'image')!r}")
+  bestrq.check_speech(config, "TERA")
   fe = bestrq.frontend(config)
   if fe.spec_augment:
     raise ValueError("TERA alters time and frequency itself: set frontend.spec_augment False")

@@ -214,11 +214,7 @@ def build(config: ml_collections.ConfigDict) -> Wav2Vec2:
 
 
 def validate(config: ml_collections.ConfigDict, method: str = "wav2vec 2.0") -> None:
-  if config.model.name != "conformer":
-    raise ValueError(f"{method} needs model.name 'conformer', got {config.model.name!r}")
-  if config.data.get("modality", "image") != "audio":
-    raise ValueError(f"{method} needs audio data (data.modality 'audio'), got data.name "
-                     f"{config.data.name!r} of modality {config.data.get('modality', 'image')!r}")
+  bestrq.check_speech(config, method)
   frames = logmel.num_frames(num_samples(config), frontend(config))
   if frames < SUBSAMPLING:
     raise ValueError(f"data.clip_seconds {config.data.clip_seconds} gives {frames} log-mel "

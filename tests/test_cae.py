@@ -4,6 +4,7 @@ generator jits; the regressor's cross-attention and the blocks' parameter names;
 digits, its sharded step equals the one-device step, the alignment target gets no gradient, and
 the analytic FLOP count matches the traced matmuls."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,8 +298,11 @@ def test_stop_gradient_blocks_the_alignment_target(one_device):
       out = model.apply({"params": p}, images, rngs=rngs, method=model.predict)
       return out["latent_pred"], out["latent_target"], out
     (_, target, out), (d_pred, d_target, _) = jax.jvp(forward, (params,), (direction,))
-    # The target is the encoder's own latents of the masked patches.
-    free = model.apply({"params": params}, images, out["ids_masked"], method=model.latents)
+    # The target is the encoder's own latents of the masked patches, projected to the width.
+    latent = model.apply({"params": params}, images, out["ids_masked"],
+                         method=lambda m, x, ids: m.encoder(x, ids)[0][:, 1:])
+    to_width = nn.Dense(32).apply({"params": params["to_width"]}, latent)
+    free = nn.LayerNorm(epsilon=1e-6).apply({"params": params["to_width_norm"]}, to_width)
     feats = model.apply({"params": params}, images, method=model.features)
     # What CAE.reconstruct returns, from this prediction (one forward less to compile).
     rec = cae.reconstruction_images(images, out, 4, config.method.norm_pix_loss)
@@ -337,7 +341,7 @@ def test_analytic_flops_match_the_traced_matmuls(arg):
   rng = jax.random.key(0)
   params = jax.eval_shape(lambda r, x: model.init({"params": r, "mask": r}, x), rng,
                           images)["params"]
-  loss = lambda p, x, r: model.apply({"params": p}, x, rngs={"mask": r})[0]
+  loss = lambda p, x, r: model.apply({"params": p}, x, rngs={"mask": r, "dropout": r})[0]
   analytic = methods.train_flops_per_example(config)
   size, patch = vit.parse_variant(config.model.variant)
   n, keep = 64, masking.num_visible(64, 0.5)
@@ -352,6 +356,32 @@ def test_analytic_flops_match_the_traced_matmuls(arg):
   assert grad == batch * (analytic - patch_embed)
 
 
+def test_drop_path_reaches_encoder_target_regressor_and_decoder_in_training_only(monkeypatch):
+  """With method.drop_path = 0.3 and two blocks in each part, the rates rise 0 -> 0.3 over each
+  part's blocks, so the last block of each drops both its branches: the encoder on the visible
+  patches and again for the alignment target (as CAE's teacher runs in train mode), the
+  regressor and the decoder, 8 drops at rate 0.3. Evaluation (train=False) drops nothing and
+  is the drop_path = 0 model."""
+  config = make_config(ARG.replace("decoder=1x32,regressor=1", "decoder=2x32,regressor=2"))
+  config.method.drop_path = 0.3
+  model = methods.build(config)
+  rates = []
+  real = layers.stochastic_depth
+  monkeypatch.setattr(layers, "stochastic_depth",
+                      lambda x, rate, rng: rates.append(rate) or real(x, rate, rng))
+  images = jnp.zeros((2, 16, 16, 1))
+  params = jax.eval_shape(lambda: methods.init_params(model, config, jax.random.key(0)))
+  loss = lambda train: lambda p: model.apply({"params": p}, images, train=train, rngs={
+      "mask": jax.random.key(1), "dropout": jax.random.key(2)})[0]
+  jax.eval_shape(loss(True), params)
+  assert rates == [0.3] * 8
+  rates.clear()
+  jax.eval_shape(loss(False), params)
+  assert rates == []
+  assert cae.drop_path_rates(0.1, 4) == pytest.approx([0, 0.1 / 3, 0.2 / 3, 0.1])
+  assert cae_vit.get_config("batch_size=2048").method.drop_path == 0.1  # CAE's --drop_path
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("mask.block.min_patches", 10,
      r"mask.block.min_patches 10 cannot fit the 4x4 patch grid.*1 \.\. 9"),
@@ -359,6 +389,7 @@ def test_analytic_flops_match_the_traced_matmuls(arg):
     ("mask.name", "blocky", "unknown mask generator 'blocky'.*'block'"),
     ("mask.ratio", 1.0, "mask.ratio must be in"),
     ("mask.block.min_aspect", 1.5, r"mask.block.min_aspect must be in \(0, 1\], got 1.5"),
+    ("method.drop_path", 1.0, r"method.drop_path must be in \[0, 1\), got 1.0"),
 ])
 def test_validation_names_the_bad_value(field, value, expected):
   config = make_config()

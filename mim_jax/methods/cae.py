@@ -30,11 +30,14 @@ Facts taken from the paper and its public code (Atten4Vis/CAE), re-implemented h
 
 Deviation: the paper's targets are DALL-E tokenizer ids (cross-entropy over 8192 codes). That
 tokenizer cannot be downloaded here, so the decoder regresses per-patch normalised pixels of the
-masked patches (MAE's norm_pix_loss) with MSE. The shared ViT has no layer scale or drop path
-(the paper's encoder uses layer scale 0.1 and drop path 0.1).
+masked patches (MAE's norm_pix_loss) with MSE. The shared ViT has no layer scale (the paper's
+encoder uses 0.1). Drop path (`method.drop_path`, 0.1 in CAE's scripts) applies to the encoder,
+the alignment target's pass, the regressor and the decoder, each rising linearly over its
+blocks.
 """
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -87,6 +90,7 @@ class RegressorBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str | None = None
+  drop_path: float = 0.0  # Stochastic depth of both residual branches ('dropout' rng).
 
   @nn.compact
   def __call__(self, queries: jax.Array, visible: jax.Array, pos_queries: jax.Array,
@@ -99,9 +103,21 @@ class RegressorBlock(nn.Module):
                           name="cross_attn")(norm("norm_q")(queries + pos_queries),
                                              norm("norm_k", False)(context + pos_context),
                                              norm("norm_v")(context))
-    x = norm("norm2")(queries + layers.layer_scale(self, "gamma_1", self.layer_scale, attn))
+    def branch(name: str, y: jax.Array) -> jax.Array:
+      y = layers.layer_scale(self, name, self.layer_scale, y)
+      if self.drop_path > 0:
+        y = layers.stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
+      return y
+
+    x = norm("norm2")(queries + branch("gamma_1", attn))
     mlp = layers.Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype, name="mlp")
-    return x + layers.layer_scale(self, "gamma_2", self.layer_scale, mlp(x))
+    return x + branch("gamma_2", mlp(x))
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+  """Stochastic-depth rates rising linearly from 0 to `rate` over `depth` blocks, as CAE's code
+  sets them for its encoder, regressor and decoder alike (and layers.Stack for the ViT)."""
+  return [rate * i / max(1, depth - 1) for i in range(depth)]
 
 
 # The decoder's block is the shared pre-norm self-attention block with layer scale:
@@ -122,81 +138,87 @@ class CAE(nn.Module):
   align_weight: float = 2.0
   layer_scale: float = 0.1
   norm_pix_loss: bool = True
+  drop_path: float = 0.0     # Stochastic depth of the regressor's and decoder's last blocks.
 
   @property
   def grid(self) -> tuple[int, int]:
     side = self.image_size // self.encoder.patch
     return (side, side)
 
-  def setup(self):
-    enc = self.encoder
-    kw = dict(layer_scale=self.layer_scale, exact_gelu=enc.exact_gelu, dtype=enc.dtype,
-              param_dtype=enc.param_dtype, attention_impl=enc.attention_impl)
-    regressor_cls = nn.remat(RegressorBlock) if enc.remat else RegressorBlock
-    decoder_cls = nn.remat(DecoderBlock) if enc.remat else DecoderBlock
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, param_dtype=enc.param_dtype,
-                                     name=name)
-    if self.width != enc.width:
-      self.to_width = _dense(self.width, "to_width", enc.dtype, enc.param_dtype)
-      self.to_width_norm = norm("to_width_norm")
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
-                                 (1, 1, self.width), enc.param_dtype)
-    self.regressor = [regressor_cls(self.heads, 4 * self.width, **kw, name=f"regressor_{i}")
-                      for i in range(self.regressor_depth)]
-    self.regressor_norm = norm("regressor_norm")
-    self.decoder = [decoder_cls(self.heads, 4 * self.width, **kw, name=f"decoder_{i}")
-                    for i in range(self.decoder_depth)]
-    self.decoder_norm = norm("decoder_norm")
-    self.head = _dense(enc.patch * enc.patch * self.channels, "head", enc.dtype, enc.param_dtype)
-
   def draw_mask(self, batch: int) -> masking.Mask:
     return masking.draw(self.make_rng("mask"), batch, self.grid, self.mask_spec)
 
-  def latents(self, images: jax.Array, ids: jax.Array) -> jax.Array:
-    """Encoder latents of the patches `ids` [B, k] (the cls token dropped), at self.width."""
-    x, _ = self.encoder(images, ids)
-    x = x[:, 1:]
-    if self.width != self.encoder.width:
-      x = self.to_width_norm(self.to_width(x))
-    return x
+  def to_width(self) -> Callable[[jax.Array], jax.Array]:
+    """Maps encoder latents to self.width: the identity when the widths agree, else a linear
+    projection and a LayerNorm (one pair of modules: call once per `predict`)."""
+    enc = self.encoder
+    if self.width == enc.width:
+      return lambda x: x
+    dense = _dense(self.width, "to_width", enc.dtype, enc.param_dtype)
+    norm = nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                        name="to_width_norm")
+    return lambda x: norm(dense(x))
 
-  def predict(self, images: jax.Array) -> dict:
+  def latents(self, images: jax.Array, ids: jax.Array, train: bool,
+              to_width: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Encoder latents of the patches `ids` [B, k] (the cls token dropped), at self.width."""
+    x, _ = self.encoder(images, ids, train=train)
+    return to_width(x[:, 1:])
+
+  @nn.compact
+  def predict(self, images: jax.Array, train: bool = False) -> dict:
     """Draws a mask, encodes the visible patches, regresses the masked latents and decodes.
+    With `train`, every block (encoder, alignment target, regressor, decoder) drops paths.
 
     Returns a dict: pixels [B, M, p*p*C] predicted for the M masked patches, latent_pred and
     latent_target [B, M, width], ids_masked [B, M] (the masked patches, in the order of the
     other arrays) and mask (the masking.Mask)."""
+    enc = self.encoder
     b = images.shape[0]
     mask = self.draw_mask(b)
     num_keep = mask.ids_keep.shape[1]
     # ids_restore inverts the shuffle, so its argsort is the shuffle; the masked patches follow
     # the kept ones in it.
     ids_masked = jnp.argsort(mask.ids_restore, axis=1)[:, num_keep:].astype(jnp.int32)
-    visible = self.latents(images, mask.ids_keep)
+    to_width = self.to_width()
+    visible = self.latents(images, mask.ids_keep, train, to_width)
     # The alignment target: the same encoder on the masked patches alone, with no gradient
-    # (the paper's stop-gradient on the target branch).
-    latent_target = jax.lax.stop_gradient(self.latents(images, ids_masked))
+    # (the paper's stop-gradient on the target branch). It runs in training mode, drop path
+    # included, as CAE's teacher (a copy of the encoder, momentum 0) runs under no_grad in a
+    # model set to train().
+    latent_target = jax.lax.stop_gradient(self.latents(images, ids_masked, train, to_width))
 
-    dtype = self.encoder.dtype
+    dtype = enc.dtype
     pos = jnp.asarray(layers.sincos_posemb_2d(self.grid, self.width), dtype)
     pos_visible, pos_masked = pos[mask.ids_keep], pos[ids_masked]
-    queries = jnp.broadcast_to(self.mask_token.astype(dtype), pos_masked.shape)
-    for block in self.regressor:
-      queries = block(queries, visible, pos_masked, pos_visible)
-    latent_pred = self.regressor_norm(queries)
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
+                            enc.param_dtype)
+    queries = jnp.broadcast_to(mask_token.astype(dtype), pos_masked.shape)
+    kw = dict(layer_scale=self.layer_scale, exact_gelu=enc.exact_gelu, dtype=enc.dtype,
+              param_dtype=enc.param_dtype, attention_impl=enc.attention_impl)
+    regressor_cls = nn.remat(RegressorBlock) if enc.remat else RegressorBlock
+    for i, rate in enumerate(drop_path_rates(self.drop_path if train else 0.0,
+                                             self.regressor_depth)):
+      queries = regressor_cls(self.heads, 4 * self.width, drop_path=rate, **kw,
+                              name=f"regressor_{i}")(queries, visible, pos_masked, pos_visible)
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                                     name=name)
+    latent_pred = norm("regressor_norm")(queries)
 
     x = latent_pred + pos_masked
-    for block in self.decoder:
-      x = block(x)
-    pixels = self.head(self.decoder_norm(x))
+    decoder_cls = nn.remat(DecoderBlock) if enc.remat else DecoderBlock
+    for i, rate in enumerate(drop_path_rates(self.drop_path if train else 0.0,
+                                             self.decoder_depth)):
+      x = decoder_cls(self.heads, 4 * self.width, drop_path=rate, **kw, name=f"decoder_{i}")(x)
+    pixels = _dense(enc.patch * enc.patch * self.channels, "head", enc.dtype,
+                    enc.param_dtype)(norm("decoder_norm")(x))
     return {"pixels": pixels, "latent_pred": latent_pred, "latent_target": latent_target,
             "ids_masked": ids_masked, "mask": mask}
 
   def __call__(self, image: jax.Array, *, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, metrics) on a batch of images [B, H, W, C]."""
-    del train  # No dropout or drop path here; kept for the method interface.
-    p = self.predict(image)
+    p = self.predict(image, train)
     target = mae.patch_targets(image, self.encoder.patch, self.norm_pix_loss)
     target = jnp.take_along_axis(target, p["ids_masked"][..., None], axis=1)
     loss_rec = jnp.mean((p["pixels"].astype(jnp.float32) - target) ** 2)
@@ -251,17 +273,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"method.width {m.width} is not divisible by method.heads {m.heads}")
   if m.width % 4:
     raise ValueError(f"method.width {m.width} must be divisible by 4 (2D sin-cos positions)")
+  if not 0 <= m.drop_path < 1:
+    raise ValueError(f"method.drop_path must be in [0, 1), got {m.drop_path}")
   if m.align_weight < 0:
     raise ValueError(f"method.align_weight must be >= 0, got {m.align_weight}")
 
 
 def build(config: ml_collections.ConfigDict) -> CAE:
   m = config.method
-  return CAE(encoder=models.build_encoder(config), width=m.width, heads=m.heads,
+  # The encoder drops paths too, at the same rate, in training only (ViT applies it when called
+  # with train=True; features() for the evaluators calls it without).
+  encoder = models.build_encoder(config).clone(drop_path=m.drop_path)
+  return CAE(encoder=encoder, width=m.width, heads=m.heads,
              regressor_depth=m.regressor_depth, decoder_depth=m.decoder_depth,
              image_size=config.image_size, channels=config.data.channels,
-             mask_spec=masking.MaskSpec.from_config(config.mask), align_weight=m.align_weight, layer_scale=m.layer_scale,
-             norm_pix_loss=m.norm_pix_loss)
+             mask_spec=masking.MaskSpec.from_config(config.mask), align_weight=m.align_weight,
+             layer_scale=m.layer_scale, norm_pix_loss=m.norm_pix_loss, drop_path=m.drop_path)
 
 
 def regressor_flops(queries: int, context: int, width: int, depth: int, mlp_dim: int) -> int:

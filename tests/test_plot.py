@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_module
+from mim_jax import final_results
 from mim_jax.metric_writer import MetricWriter
 from mim_jax.tools import plot
 
@@ -51,3 +52,29 @@ def test_missing_workdir_and_bad_rows_are_named(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
   with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a metrics row"):
     plot.read_series(str(tmp_path / "metrics.jsonl"))
+
+
+def test_finetuned_runs_join_the_bar_chart_and_the_printed_table(tmp_path):
+  """What `make demo` prints last: the pretraining's final evaluations and the top-1 of the
+  fine-tuning runs started from each encoder, read from their results.json."""
+  write_run(tmp_path)
+  for encoder, top1 in (("pretrained", 0.95), ("random_init", 0.39)):
+    (tmp_path / encoder).mkdir()
+    final_results.write(str(tmp_path / encoder), 330, {"top1/finetuned": top1, "loss": 0.1})
+  result = run_module("mim_jax.tools.plot", f"--workdir={tmp_path}", "--finetuned="
+                      f"pretrained={tmp_path / 'pretrained'},random_init={tmp_path / 'random_init'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  table = result.stdout.split(f"final evaluations ({tmp_path.name}):\n")[1].splitlines()
+  # (write_run's 'finetune/top1' reads as evaluator 'finetune', encoder 'top1'.)
+  assert table[0].split() == ["evaluator", "pretrained", "random_init", "top1"]
+  assert table[-1].split() == ["knn", "0.9000", "0.8000", "-"]
+  assert ["finetune_top1", "0.9500", "0.3900", "-"] in [row.split() for row in table]
+  assert ["few_shot/10shot", "0.7000", "-", "-"] in [row.split() for row in table]
+
+  bad = run_module("mim_jax.tools.plot", f"--workdir={tmp_path}",
+                   f"--finetuned=pretrained={tmp_path / 'nope'}")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      f"error: --finetuned pretrained={tmp_path / 'nope'}: no results.json there")
+  with pytest.raises(ValueError, match=r"--finetuned item 'pretrained' is not <encoder>=<workdir>"):
+    plot.parse_runs("pretrained")

@@ -63,10 +63,11 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
 
   Batches are dicts of arrays with a leading axis B = batch_size // process_count: for images
   {"image": float32 [B, S, S, C] normalised, "label": int32 [B]}; for audio {"audio": float32
-  [B, L], "audio_len": int32 [B] (real samples), "label": int32 [B]}. Each process reads every
-  process_count-th example of the source, reshuffled each epoch. The order is a function of
-  config.seed and the process alone, and the iterator's get_state() / set_state() resume it
-  exactly.
+  [B, L], "audio_len": int32 [B] (real samples), "label": int32 [B]}. The global batches are
+  one stream, the source reshuffled each epoch and augmented, that is a function of config.seed
+  alone; process i reads the i-th of the process_count equal slices of each global batch. So
+  any number of processes sees the same global batches, in the same order, as one process does
+  (tests/test_multiprocess.py). The iterator's get_state() / set_state() resume it exactly.
   The process defaults are read at call time, i.e. after jax.distributed.initialize.
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -79,19 +80,22 @@ def train_iterator(config: ml_collections.ConfigDict, *, process_index: int | No
   source = sources.get_source(d, d.split, config.get("image_size", 0))
   # Per-utterance training targets (HuBERT's k-means ids) when the config names a target file.
   source = targets.attach(source, config, d.split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if not len(ds):
-    raise ValueError(f"data.name={d.name!r} split {d.split!r} has {len(source)} examples, "
-                     f"too few for {process_count} processes.")
+  if not len(source):
+    raise ValueError(f"data.name={d.name!r} split {d.split!r} has no examples")
   transform = train_transform(source, config)
-  # Folding in the process index gives each process its own augmentation stream; otherwise the
-  # i-th example of every shard would be cropped and flipped alike.
-  seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
-  ds = (ds.seed(seed)
+  # One seed for every process ([seed, 0] is the one a single process has always used, so its
+  # stream is unchanged): grain draws each example's augmentation from the seed and the
+  # example's position in the stream, so every process sees the same global stream.
+  seed = int(np.random.SeedSequence([config.seed, 0]).generate_state(1)[0])
+  ds = (grain.MapDataset.source(source).seed(seed)
         .shuffle()      # Before repeat: repeat reseeds it, so every epoch has a new order.
         .repeat()
         .random_map(transform)
-        .batch(config.batch_size // process_count, drop_remainder=True))
+        .batch(config.batch_size // process_count, drop_remainder=True)
+        # Global batch g is the slices g*process_count .. (g+1)*process_count-1 of this
+        # stream; this process's is the process_index-th. A MapDataset is lazy, so a process
+        # reads and augments only its own examples.
+        [process_index::process_count])
   it_ds = ds.to_iter_dataset()
   if d.num_workers > 0:
     # grain's workers read absl flags, unparsed outside absl.app (tests, Colab): use defaults.

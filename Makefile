@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   MAE pretraining on the embedded digits, then k-NN, linear-probe and few-shot
-#               accuracies (pretrained / random init / pixels), a reconstruction PNG and curves
+#               accuracies (pretrained / random init / pixels), fine-tuning from the pretrained
+#               encoder and from random init, a reconstruction PNG, curves and a final table
 #   make test   the test suite (pytest on CPU JAX, 8 fake devices)
 PYTHON ?= python3
 VENV := .venv
@@ -28,11 +29,21 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# A fresh run each time: the demo is a showcase, not a resumable job.
+# A fresh run each time: the demo is a showcase, not a resumable job. It pretrains MAE, then
+# fine-tunes that encoder and the same ViT from random init with one short recipe (the runlocal
+# fine-tuning, cut to DEMO_FINETUNE_STEPS), and ends with the table of every final evaluation:
+# what pretraining buys, by k-NN, linear probe, few-shot and fine-tuning.
+DEMO_FINETUNE_STEPS ?= 165
+DEMO_FT := $(DEMO_DIR)/finetune
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(PY) -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=$(DEMO_DIR)
-	$(PY) -m mim_jax.tools.plot --workdir=$(DEMO_DIR)
+	$(PY) -m mim_jax.main --config=configs/finetune_vit.py:runlocal,init_from=$(DEMO_DIR) \
+	    --workdir=$(DEMO_FT)/pretrained --config.total_steps=$(DEMO_FINETUNE_STEPS)
+	$(PY) -m mim_jax.main --config=configs/finetune_vit.py:runlocal \
+	    --workdir=$(DEMO_FT)/random_init --config.total_steps=$(DEMO_FINETUNE_STEPS)
+	$(PY) -m mim_jax.tools.plot --workdir=$(DEMO_DIR) \
+	    --finetuned=pretrained=$(DEMO_FT)/pretrained,random_init=$(DEMO_FT)/random_init
 	@echo "reconstruction grid: $(DEMO_DIR)/reconstruction.png   curves: $(DEMO_DIR)/plots/   metrics: $(DEMO_DIR)/metrics.jsonl"
 
 # Two pytest workers (pytest-xdist), one per core of the 2-core CI machine: most of the suite's
@@ -41,5 +52,13 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
+# mim_jax's train step, then its PyTorch peer (benchmarks/torch_mae.py: the same model, batch
+# and mask ratio, eager and torch.compile) on the same config, one after the other, then a line
+# with mim_jax's throughput over each of torch's. BENCH_CONFIG picks another config.
+BENCH_CONFIG ?= configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128
+BENCH_OUT ?= workdirs/bench_mim_jax.json
 bench: $(VENV)/.installed
-	$(PY) -m mim_jax.bench --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128
+	@mkdir -p $(dir $(BENCH_OUT))
+	$(PY) -m mim_jax.bench --config=$(BENCH_CONFIG) > $(BENCH_OUT)
+	@cat $(BENCH_OUT)
+	$(PY) -m benchmarks.torch_mae --config=$(BENCH_CONFIG) --against=$(BENCH_OUT)

@@ -105,7 +105,14 @@ def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
   m.exact_gelu = True            # erf GELU, as in the papers' PyTorch code; False = tanh.
   m.posemb = posemb              # sincos (fixed, MAE pretraining) | learned (fine-tuning) | none.
   m.patch_init = "xavier"        # Patch embedding init (models/layers.py PATCH_INITS): MAE's.
-  m.remat = False                # Rematerialise blocks to save accelerator memory.
+  m.remat = "none"               # Rematerialise blocks to save accelerator memory, keeping:
+                                 # none (no remat) | full (only each block's input) |
+                                 # dots_saveable (every matmul's output) |
+                                 # dots_with_no_batch_dims_saveable (the projections' and MLP's,
+                                 # not attention's) (models/layer_loop.py REMAT_POLICIES).
+  m.scan_layers = False          # Run the blocks as one scan; the same parameters and
+                                 # checkpoints either way. Traces one block, but on CPU compiles
+                                 # slower and needs more memory (models/layer_loop.py measures).
   m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
   m.param_dtype = "float32"
   m.attention_impl = "auto"      # auto | xla | cudnn (fused flash attention on GPU).
@@ -142,8 +149,8 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   """The mask generator (mim_jax/masking.py) a method draws through, by name, and every
   generator's knobs, so `--config.mask.name=<other>` works with its defaults."""
   m = ml_collections.ConfigDict()
-  m.name = name                  # random | block | coarse | <red|blue|green|purple>_noise
-                                 # (masking.GENERATORS).
+  m.name = name                  # random | block | coarse | <red|blue|green|purple>_noise |
+                                 # hard_patch (masking.GENERATORS).
   m.ratio = ratio                # Share of patches masked (for MP3: left out of the context).
   m.random = ml_collections.ConfigDict()  # i.i.d. uniform scores (MAE, sec. 3): no knobs.
   # BEiT's block-wise masking (Bao et al. 2021, algorithm 1), as CAE uses it.
@@ -163,7 +170,25 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   for color, sigmas in (("red", (1.5,)), ("blue", (0.5,)), ("green", (0.5, 1.5)),
                         ("purple", (0.5, 1.5))):
     m[f"{color}_noise"] = ml_collections.ConfigDict({"sigmas": sigmas})
+  # HPM's hard patches (Wang et al. 2023): no knobs here; the scores and the ramp come from the
+  # loss predictor of MAE / CRATE-MAE's `method.hpm`. Without one the mask is uniform.
+  m.hard_patch = ml_collections.ConfigDict()
   return m
+
+
+def hpm_config(enabled: bool = False) -> ml_collections.ConfigDict:
+  """HPM (Wang et al. 2023, "Hard Patches Mining for Masked Image Modeling"; mim_jax/methods/
+  hpm.py) for the MAE family's `method` section: a loss predictor, and with
+  `mask.name='hard_patch'` masks that cover the patches it predicts hardest."""
+  h = ml_collections.ConfigDict()
+  h.enabled = enabled            # Train a loss predictor (a twin of the decoder) with HPM's
+                                 # relative objective; off = plain MAE, same parameters.
+  h.final_share = 0.5            # Share of the masked patches that are the predicted-hardest
+                                 # at the end of the ramp (HPM: 0.5; the rest stay random).
+  h.ramp_fraction = 1.0          # The share ramps linearly from 0 over this fraction of
+                                 # total_steps (HPM: the whole run), then stays at final_share.
+  h.loss_weight = 1.0            # Weight of the predictor's loss (HPM's code: 1).
+  return h
 
 
 def sharding_config() -> ml_collections.ConfigDict:

@@ -83,7 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.ista_eta = 0.1         # ISTA step size (Yu et al. 2023; CRATE-MAE keeps it).
   c.model.ista_lambda = 0.5      # Sparsity; 0.1 in CRATE, 0.5 in CRATE-MAE's encoder.
   c.model.patch_norm = False     # True: LN, linear, LN tokenizer of supervised CRATE.
-  c.model.remat = False          # Rematerialise layers to save accelerator memory.
+  c.model.remat = "none"         # Rematerialise layers to save accelerator memory: a policy of
+                                 # models/layer_loop.py REMAT_POLICIES (none | full | ...).
+  c.model.scan_layers = False    # Run the layers as one scan; same params (models/layer_loop.py).
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
   c.model.attention_impl = "auto"  # auto | xla | cudnn (fused flash attention on GPU).
@@ -98,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # token. False: it sees only the visible patches (faster; the decoder inserts mask tokens).
   c.method.encoder_mask_tokens = True
   c.method.decoder_depth = decoder_depth  # Width and heads are the encoder's.
+  c.method.hpm = common.hpm_config()  # HPM's loss predictor, off (configs/hpm_vit.py: on).
 
   # MAE's optimizer, cls and mask tokens decayed (the released code trains with MAE's script).
   # The micro model of runlocal learns much faster with a 10x higher lr (measured on digits at

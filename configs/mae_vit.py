@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.decoder_depth = decoder_depth
   c.method.decoder_width = decoder_width
   c.method.decoder_heads = max(1, decoder_width // 32)  # 512 -> 16 heads, as in the paper.
+  c.method.hpm = common.hpm_config()  # HPM's loss predictor, off (configs/hpm_vit.py: on).
 
   # MAE table 8: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256),
   # decaying the cls and mask tokens as main_pretrain.py does.

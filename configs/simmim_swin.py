@@ -98,7 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.patch = 4              # Swin's patch size (Liu et al. 2021, sec. 3.1).
   c.model.window = common.int_arg(args, "window", 4 if runlocal else 6)  # 6 at 192 px, 7 at 224 px.
   c.model.exact_gelu = True      # erf GELU, as in the paper's PyTorch code; False = tanh.
-  c.model.remat = False          # Rematerialise blocks to save accelerator memory.
+  c.model.remat = "none"         # Rematerialise blocks to save accelerator memory: a policy of
+                                 # models/layer_loop.py REMAT_POLICIES (none | full | ...).
   c.model.dtype = "float32"      # Compute dtype: float32 | bfloat16 | float16.
   c.model.param_dtype = "float32"
 

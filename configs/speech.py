@@ -74,7 +74,8 @@ def conformer_model_config(variant: str) -> ml_collections.ConfigDict:
   m.variant = variant            # S | M | L (Gulati et al. 2020, table 1) | Ti | Mu (tests).
   m.dropout = 0.1                # Dropout on every residual branch and after the subsampling
                                  # (Conformer sec. 3.2: 0.1).
-  m.remat = False                # Rematerialise blocks to save accelerator memory.
+  m.remat = "none"               # Rematerialise blocks to save accelerator memory: a policy of
+                                 # models/layer_loop.py REMAT_POLICIES (none | full | ...).
   m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
   m.param_dtype = "float32"
   m.attention_impl = "auto"      # auto | xla | cudnn (fused flash attention on GPU).

@@ -1,4 +1,5 @@
-r"""Throughput and MFU of the real train step, on a fixed synthetic batch already on the device.
+r"""Throughput and MFU of the real train step, on a fixed synthetic batch already on the device;
+with --mode=data, throughput of the input pipeline alone.
 
   python -m mim_jax.bench \
       --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128 \
@@ -19,19 +20,37 @@ the Makefile's GLIBC_TUNABLES remove on CPU), and for a config with an image mas
 (`config.mask`), mask_ms and mask_share: the configured generator drawing the batch's masks
 alone, jitted and timed the same way, and its share of step_ms (an upper bound on what the
 masks cost inside the step, where XLA may overlap them with other work).
+
+`--profile=DIR` then runs a few more steps under `jax.profiler.trace(DIR)` (TensorBoard's
+profile plugin or xprof reads it) and writes the compiled step's HLO text next to it:
+`python -m benchmarks.trace_breakdown --profile=DIR` sums the trace's time by kind of op.
+
+`--mode=data` times the input pipeline instead, with no model: this host's train iterator
+(mim_jax/data/pipeline.py: source, shuffle, MAE's augmentation, batching) for the config's image
+size and per-host batch, on each of digits, a folder of JPEGs written for the run
+(`--jpeg_files` files of `--jpeg_side` px) and synthetic images, with data.num_workers 0 and 2
+(`--data_sources`, `--data_workers`). One JSON line each: examples_per_sec (per host), batch_ms,
+first_batch_s (opening the source and the first batch, workers' start included) after which
+`--warmup` batches are untimed and at least `--steps` timed, over at least `--data_seconds`.
 """
 
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
+from PIL import Image
 
 from mim_jax import config_validation
 from mim_jax import errors
@@ -42,13 +61,31 @@ from mim_jax import models
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
+from mim_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                           "configs/mae_vit.py:variant=Ti/4.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (data mode: batches).")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation; the first few "
-                               "still grow the heap (see page_faults_per_step).")
+                               "still grow the heap (see page_faults_per_step). Data mode: "
+                               "untimed batches after the first.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "data"], "step: the train step on a fixed "
+                          "batch; data: the input pipeline alone.")
+_PROFILE = flags.DEFINE_string("profile", "", "step mode: write a jax.profiler trace of "
+                               "PROFILE_STEPS more steps to this directory.")
+_DATA_SOURCES = flags.DEFINE_list("data_sources", "digits,folder,synthetic", "data mode: "
+                                  "sources to time; 'folder' is the JPEG folder written here.")
+_DATA_WORKERS = flags.DEFINE_list("data_workers", "0,2", "data mode: data.num_workers values.")
+_JPEG_FILES = flags.DEFINE_integer("jpeg_files", 512, "data mode: JPEGs in the folder source.")
+_JPEG_SIDE = flags.DEFINE_integer("jpeg_side", 256, "data mode: their side in pixels.")
+_DATA_SECONDS = flags.DEFINE_float("data_seconds", 3.0, "data mode: the least time each "
+                                   "configuration is timed for.")
 flags.mark_flags_as_required(["config"])
+
+# Enough steps for a trace to show the steady state, few enough to keep it small to load.
+PROFILE_STEPS = 3
+HLO_FILE = "train_step.hlo.txt"
+DATA_SOURCES = ("digits", "folder", "synthetic")
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float:
@@ -94,13 +131,8 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   return batch
 
 
-@errors.reporting
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  config_validation.validate(config)
-
+def step_bench(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The figures of the train step (see the module docstring)."""
   mesh = sharding.make_mesh()
   model = methods.build(config)
   tx = optim.build(config)
@@ -114,8 +146,8 @@ def main(argv: list[str]) -> None:
   compile_s = time.perf_counter() - start
 
   for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch, train_rng)
-  jax.block_until_ready((state, metrics))
+    state, _ = compiled(state, batch, train_rng)
+  jax.block_until_ready(state)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(_STEPS.value):
@@ -124,20 +156,29 @@ def main(argv: list[str]) -> None:
   step_s = (time.perf_counter() - start) / _STEPS.value
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
+  if _PROFILE.value:  # after the timed steps, so tracing does not slow what is reported
+    with jax.profiler.trace(_PROFILE.value):
+      for _ in range(PROFILE_STEPS):
+        state, metrics = compiled(state, batch, train_rng)
+      jax.block_until_ready((state, metrics))
+    # The optimised program, whose instruction names the trace's events carry (with the jax
+    # op and module path of each as metadata): what a breakdown of the trace reads.
+    with open(os.path.join(_PROFILE.value, HLO_FILE), "w", encoding="utf-8") as f:
+      f.write(compiled.as_text())
+    logging.info("wrote a trace of %d steps and %s to %s", PROFILE_STEPS, HLO_FILE,
+                 _PROFILE.value)
+
   devices = jax.device_count()
   images_per_sec = config.batch_size / step_s
   flops_per_image = methods.train_flops_per_example(config)
   peak = flops.matmul_peak(jnp.dtype(config.model.dtype)) * devices
   achieved = images_per_sec * flops_per_image
-  config_arg = next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), "")
   audio = ({"utterance_seconds_per_sec": round(images_per_sec * config.data.clip_seconds, 2)}
            if config.data.get("modality", "image") == "audio" else {})
   masks = mask_ms(config, mesh)
   masks = ({} if masks is None else
            {"mask_ms": round(masks, 3), "mask_share": round(masks / (1e3 * step_s), 4)})
-  print(json.dumps({
-      "config": config_arg,
-      "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
+  return {
       "devices": devices, "platform": jax.devices()[0].platform,
       "images_per_sec": round(images_per_sec, 2), **audio, "step_ms": round(1e3 * step_s, 2),
       "compile_s": round(compile_s, 2), "loss": float(metrics["loss"]),
@@ -146,7 +187,83 @@ def main(argv: list[str]) -> None:
       "achieved_flops_per_sec": achieved, "peak_flops_per_sec": peak,
       "mfu": round(achieved / peak, 4),
       "page_faults_per_step": faults // _STEPS.value, **masks,
-  }))
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=data: the input pipeline alone.
+# ---------------------------------------------------------------------------------------------
+
+def write_jpegs(directory: str, count: int, side: int) -> None:
+  """`count` RGB JPEGs of side x side px (quality 90): smooth random colour fields plus fine
+  noise, which compress and decode more like photos than flat or white-noise images do."""
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((side, side), Image.Resampling.BICUBIC), np.int16)
+    image = np.clip(smooth + rng.integers(-8, 9, smooth.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(image).save(os.path.join(directory, f"{i:05d}.jpg"), quality=90)
+
+
+def time_input(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Times this host's train iterator for `config`: the first batch (opening the source and
+  starting any workers), `--warmup` untimed batches, then at least `--steps` timed ones over
+  at least `--data_seconds`. grain's reader threads work ahead of the consumer, so a short
+  window would time batches made before it began rather than the pipeline's rate."""
+  start = time.perf_counter()
+  iterator = pipeline.train_iterator(config)
+  try:
+    next(iterator)
+    first_batch_s = time.perf_counter() - start
+    for _ in range(_WARMUP.value):
+      next(iterator)
+    start, batches = time.perf_counter(), 0
+    while batches < _STEPS.value or time.perf_counter() - start < _DATA_SECONDS.value:
+      next(iterator)
+      batches += 1
+    batch_s = (time.perf_counter() - start) / batches
+  finally:
+    iterator.close()  # stops the workers before the next configuration runs
+  host_batch = config.batch_size // jax.process_count()
+  return {"host_batch": host_batch, "examples_per_sec": round(host_batch / batch_s, 1),
+          "batch_ms": round(1e3 * batch_s, 2), "first_batch_s": round(first_batch_s, 2)}
+
+
+def data_bench(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
+  """One row per source in --data_sources and num_workers in --data_workers, each as soon as
+  it is measured."""
+  if bad := [name for name in _DATA_SOURCES.value if name not in DATA_SOURCES]:
+    raise ValueError(f"--data_sources: unknown {bad}; valid: {', '.join(DATA_SOURCES)}")
+  try:
+    workers = [int(w) for w in _DATA_WORKERS.value]
+  except ValueError:
+    raise ValueError(f"--data_workers={','.join(_DATA_WORKERS.value)}: expected integers >= 0, "
+                     f"e.g. 0,2") from None
+  if "image_size" not in config or min(workers, default=0) < 0:
+    raise ValueError(f"--mode=data times image pipelines with num_workers >= 0; got a config "
+                     f"without image_size or --data_workers={workers}")
+  with tempfile.TemporaryDirectory(prefix="mim_jax_bench_jpegs_") as folder:
+    if "folder" in _DATA_SOURCES.value:
+      write_jpegs(folder, _JPEG_FILES.value, _JPEG_SIDE.value)
+    for source in _DATA_SOURCES.value:
+      for num_workers in workers:
+        run = config.copy_and_resolve_references()
+        run.data.name = f"folder:{folder}" if source == "folder" else source
+        run.data.num_workers = num_workers
+        yield {"source": source, "num_workers": num_workers, **time_input(run)}
+
+
+@errors.reporting
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  config_validation.validate(config)
+  run = {"config": next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), ""),
+         "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")]}
+  rows = data_bench(config) if _MODE.value == "data" else [step_bench(config)]
+  for row in rows:
+    print(json.dumps({**run, **row}), flush=True)
 
 
 if __name__ == "__main__":

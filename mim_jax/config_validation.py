@@ -7,6 +7,7 @@ import ml_collections
 from mim_jax import methods
 from mim_jax import models
 from mim_jax import optim
+from mim_jax.models import layer_loop
 from mim_jax.data import pipeline
 from mim_jax.data import sources
 from mim_jax.evaluators import suite
@@ -16,6 +17,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on the first invalid field."""
   models.dtype(config.model.dtype)
   models.dtype(config.model.param_dtype)
+  layer_loop.policy_name(config.model.remat)
   models.build_encoder(config)  # unknown model, variant, attention_impl
   methods.validate(config)  # unknown method, and what the method itself needs
   optim.validate(config)

@@ -7,6 +7,7 @@ counts a scan body once, includes remat recompute and reports per device under s
 
 import functools
 import math
+import os
 import time
 
 import jax
@@ -149,7 +150,8 @@ def jaxpr_matmul_flops(jaxpr) -> int:
   """FLOPs of every dot_general and conv_general_dilated in a traced program (a Jaxpr or
   ClosedJaxpr from jax.make_jaxpr), sub-programs included: an independent check of the
   analytic counts. 2 * (output size) * (contracted size) per matmul, convolutions as
-  `_conv_general_dilated_flops`; a scan body is counted once."""
+  `_conv_general_dilated_flops`; a scan body counts once per iteration (scanned layers,
+  models/layer_loop.py), a while loop's body, whose trip count is not static, once."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0
   for eqn in jaxpr.eqns:
@@ -159,11 +161,15 @@ def jaxpr_matmul_flops(jaxpr) -> int:
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
     elif eqn.primitive.name == "conv_general_dilated":
       total += _conv_general_dilated_flops(eqn)
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
-          total += jaxpr_matmul_flops(sub)
+          total += times * jaxpr_matmul_flops(sub)
   return total
+
+
+PEAK_ENV = "MIM_JAX_MATMUL_PEAK"
 
 
 @functools.cache  # one measurement per process: every run in it reports against the same peak
@@ -176,7 +182,17 @@ def matmul_peak(dtype: jnp.dtype = jnp.float32, sizes: tuple[int, ...] | None = 
   best over several sizes, each timed over enough back-to-back calls to last ~20 ms: which size
   runs fastest depends on the caches and the kernel's tiling (on a 2-core CPU, 512-1536 reach
   ~210 GFLOP/s where 2048 reaches ~185), and a ceiling measured too low would inflate MFU.
+
+  The environment variable MIM_JAX_MATMUL_PEAK (FLOP/s of one device, for the run's compute
+  dtype) replaces the measurement: a datasheet peak, or one measured once and handed to many
+  processes (the test suite does, saving each trainer it starts ~2.5 s of CPU).
   """
+  given = os.environ.get(PEAK_ENV)
+  if given:
+    try:
+      return float(given)
+    except ValueError as e:
+      raise ValueError(f"{PEAK_ENV}={given!r} is not a number of FLOP/s, e.g. 2.1e11") from e
   device = jax.devices()[0]
   sizes = sizes or ((512, 1024, 1536, 2048) if device.platform == "cpu" else (4096, 8192))
   best = 0.0

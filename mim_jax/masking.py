@@ -231,6 +231,71 @@ def color_noise_mask(color: str) -> Callable[..., Mask]:
 
 
 # ---------------------------------------------------------------------------------------------
+# HPM's hard-patch mask (Wang et al. 2023, "Hard Patches Mining for Masked Image Modeling"): the
+# scores come from a loss predictor, which mim_jax/methods/hpm.py adds to MAE and CRATE-MAE.
+# ---------------------------------------------------------------------------------------------
+
+def hard_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
+                    predicted_loss: jax.Array | None = None,
+                    hard_share: float | jax.Array = 0.0) -> Mask:
+  """HPM's easy-to-hard mask: of each row's masked patches, floor(hard_share x their count) are
+  the patches with the highest `predicted_loss` [B, N] and the rest are uniformly random among
+  the others (the official code's generate_mask, which truncates the count the same way).
+  `hard_share` may be traced (it ramps with the training step): the number of hard patches
+  varies, the number kept is static.
+
+  Without `predicted_loss` (drawn by name through `draw`: the mask gallery, shape checks) every
+  patch is predicted equally hard and the mask is MAE's uniform one, as HPM's is at share 0;
+  `validate` refuses to train a method that cannot feed it (SCORED).
+  """
+  num_patches = grid[0] * grid[1]
+  num_keep = num_visible(num_patches, mask_ratio)
+  noise = jax.random.uniform(rng, (batch, num_patches))
+  if predicted_loss is None:
+    return keep_lowest(noise, num_keep)
+  if predicted_loss.shape != (batch, num_patches):
+    raise ValueError(f"predicted_loss of shape {predicted_loss.shape} does not score the "
+                     f"{grid[0]}x{grid[1]} patches of {batch} images")
+  num_hard = jnp.floor((num_patches - num_keep) * jnp.asarray(hard_share, jnp.float32))
+  hardness_rank = jnp.argsort(jnp.argsort(-predicted_loss.astype(jnp.float32), axis=1), axis=1)
+  # Noise lies in [0, 1): a hard patch (2 + noise) outscores every other one, so it is masked.
+  return keep_lowest(noise + 2.0 * (hardness_rank < num_hard), num_keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# MaskAlign's attention-guided mask (Xue et al. 2023, "Stare at What You See: Masked Image
+# Modeling without Reconstruction"): the scores come from a frozen teacher's attention, which
+# mim_jax/methods/maskalign.py computes.
+# ---------------------------------------------------------------------------------------------
+
+def attention_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
+                   attention: jax.Array | None = None) -> Mask:
+  """Keeps the patches the teacher attends to. `attention` [B, N] is the teacher's cls-token
+  attention over the patches (non-negative weights, any scale); the visible patches are drawn
+  without replacement with probability proportional to it, as MaskAlign's official code does
+  (models_pretrain.py, attention_masking: torch.multinomial on the last block's cls attention,
+  averaged over heads). Sampling rather than a plain top-k still shows the student some
+  patches the teacher ignores.
+
+  The same law with static shapes: adding Gumbel noise to the log-weights and keeping the k
+  largest draws k items without replacement in proportion to the weights (the Gumbel-top-k
+  trick; Kool et al. 2019, "Stochastic Beams and Where to Find Them", sec. 3), so the score for
+  `keep_lowest` is minus that sum. A zero weight is never kept while positive ones remain.
+  Without `attention` (drawn by name through `draw`: the mask gallery, shape checks) every patch
+  weighs the same and the mask is MAE's uniform one; `validate` refuses to train a method that
+  cannot feed it (SCORED).
+  """
+  num_patches = grid[0] * grid[1]
+  log_weights = (jnp.zeros((batch, num_patches)) if attention is None
+                 else jnp.log(attention.astype(jnp.float32)))
+  if log_weights.shape != (batch, num_patches):
+    raise ValueError(f"attention of shape {log_weights.shape} does not weigh the "
+                     f"{grid[0]}x{grid[1]} patches of {batch} images")
+  perturbed = log_weights + jax.random.gumbel(rng, (batch, num_patches))
+  return keep_lowest(-perturbed, num_visible(num_patches, mask_ratio))
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry, and drawing by name.
 # ---------------------------------------------------------------------------------------------
 
@@ -241,6 +306,8 @@ GENERATORS: Registry = Registry("mask generator", {
     "block": block_mask,
     "coarse": coarse_mask,
     **{f"{color}_noise": color_noise_mask(color) for color in color_noise.COLORS},
+    "hard_patch": hard_patch_mask,
+    "attention": attention_mask,
 })
 
 
@@ -274,6 +341,21 @@ def num_kept(mask_config: ml_collections.ConfigDict, grid: tuple[int, int]) -> i
   return jax.eval_shape(lambda rng: draw(rng, 1, grid, spec), jax.random.key(0)).ids_keep.shape[1]
 
 
-def validate(mask_config: ml_collections.ConfigDict, grid: tuple[int, int]) -> None:
-  """Raises ValueError on a `config.mask` that cannot mask `grid` (see num_kept)."""
+# Generators whose scores come from the model, not from the rng: the method that owns the model
+# passes them in (`supplies` in `validate`). What each needs, for the error message.
+SCORED = {
+    "hard_patch": "HPM's loss predictor (method mae or crate_mae with method.hpm.enabled=True)",
+    "attention": "a teacher's attention (method maskalign)",
+}
+
+
+def validate(mask_config: ml_collections.ConfigDict, grid: tuple[int, int],
+             supplies: tuple[str, ...] = ()) -> None:
+  """Raises ValueError on a `config.mask` that cannot mask `grid` (see num_kept), or that names
+  a model-scored generator (SCORED) the calling method does not feed: `supplies` lists the
+  ones it does. Without its scores such a mask would silently be uniform."""
+  if mask_config.name in SCORED and mask_config.name not in supplies:
+    usable = sorted(set(GENERATORS.names()) - set(SCORED) | set(supplies))
+    raise ValueError(f"mask.name={mask_config.name!r} needs {SCORED[mask_config.name]}, which "
+                     f"this config does not have; valid here: {usable}")
   num_kept(mask_config, grid)

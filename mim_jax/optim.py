@@ -1,7 +1,8 @@
 """The optimizer from the config: AdamW with linear warmup then cosine decay, a weight-decay mask,
 optional global-norm clipping and optional layer-wise lr decay (`optim.layer_decay` < 1).
 Parameters named `frozen_*` are a method's fixed buffers (BEST-RQ's random projection and
-codebook): saved in checkpoints with the rest, never updated, and given no optimizer state."""
+codebook; MaskAlign's teacher, the subtree 'frozen_teacher'): saved in checkpoints with the
+rest, never updated, and given no optimizer state."""
 
 import functools
 import re

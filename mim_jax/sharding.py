@@ -2,7 +2,8 @@
 
 One mesh axis, 'data', over every device of every process. Batches are split over it. Parameters
 are replicated (data parallel) unless FSDP is on: then each parameter that matches an FSDP rule
-and is large enough is split along its largest dimension divisible by the number of devices.
+and is large enough is split along its largest dimension divisible by the number of devices;
+one that is large enough but has no such dimension is refused (`checked_fsdp_spec`).
 Rules are regexes on the '/'-joined parameter path, first match wins, so a fork can pin a
 specific tensor without touching the trainer.
 """
@@ -53,6 +54,22 @@ def fsdp_spec(shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
   return P()
 
 
+def checked_fsdp_spec(name: str, shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
+  """`fsdp_spec`, but a leaf of at least min_size elements that no dimension of splits over the
+  devices raises ValueError (naming it, its shape, the device count and the fixes): replicated,
+  it would cost every device the whole tensor, which FSDP was switched on to avoid. A scalar
+  (the step, Adam's count) can never be split and is exempt."""
+  spec = fsdp_spec(shape, num_devices, min_size)
+  if spec == P() and shape and np.prod(shape, dtype=np.int64) >= min_size:
+    raise ValueError(
+        f"FSDP cannot split {name} of shape {tuple(shape)} over {num_devices} devices (no "
+        f"dimension is a multiple of {num_devices}), so every device would hold it whole; run on "
+        f"a device count that divides one of its dimensions, raise sharding.fsdp_min_size above "
+        f"{int(np.prod(shape, dtype=np.int64))}, or give it a 'replicate' rule in "
+        f"sharding.FSDP_RULES")
+  return spec
+
+
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict) -> Any:
   """NamedShardings for every leaf of a (shape-only) train state, from the rules above."""
@@ -64,7 +81,8 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
     for pattern, rule in FSDP_RULES:
       if re.fullmatch(pattern, name):
         if rule == "fsdp":
-          return NamedSharding(mesh, fsdp_spec(leaf.shape, n, config.sharding.fsdp_min_size))
+          return NamedSharding(mesh, checked_fsdp_spec(name, leaf.shape, n,
+                                                       config.sharding.fsdp_min_size))
         return replicated(mesh)
     return replicated(mesh)
 

@@ -27,6 +27,7 @@ from mim_jax import init_from
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import preemption
+from mim_jax import pretrained
 from mim_jax import sharding
 from mim_jax import workdir_lock
 from mim_jax.data import pipeline
@@ -72,17 +73,36 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
   return abstract, shardings
 
 
+def read_frozen(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The method's frozen encoders (methods.frozen_encoders: a distillation teacher) as host
+  trees by parameter subtree, each read from its source and checked against the encoder its
+  config builds. A missing or mismatched source raises, naming the config field that gave it."""
+  trees = {}
+  for subtree, (source, encoder_config, label) in methods.frozen_encoders(config).items():
+    try:
+      trees[subtree] = pretrained.load_encoder_params(source, encoder_config)
+    except (FileNotFoundError, ValueError) as error:
+      raise type(error)(f"{label}: {error}") from error
+  return trees
+
+
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rng: jax.Array
                  ) -> tuple[TrainState, Any, Any]:
   """Parameters are born sharded: eval_shape, then shardings, then a jitted init placing each
   leaf straight into its sharding, so no host ever holds a full copy of an FSDP model.
   With `config.init_from`, the pretrained parameters then replace the random ones
-  (mim_jax/init_from.py). Returns (state, abstract state with shardings, shardings)."""
+  (mim_jax/init_from.py). A method's frozen encoders (`read_frozen`) are read before anything
+  compiles, so a bad source fails at once, and replace their subtrees last.
+  Returns (state, abstract state with shardings, shardings)."""
+  frozen = read_frozen(config)
   abstract, shardings = abstract_state(model, tx, config, mesh, rng)
   state = jax.jit(make_init_fn(model, tx, config), out_shardings=shardings)(rng)
   if config.init_from:
     state = state.replace(params=init_from.load(state.params, config, shardings.params))
+  if frozen:
+    placed = jax.device_put(frozen, {name: shardings.params[name] for name in frozen})
+    state = state.replace(params={**state.params, **placed})
   return state, abstract, shardings
 
 
@@ -191,6 +211,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   SIGTERM or Ctrl-C stops it at the next step with a checkpoint, or stops the final evals
   (mim_jax/preemption.py); after a Ctrl-C it raises preemption.Interrupted once all is saved."""
   init_from.check(config, workdir)  # before anything is written: a typo leaves no workdir
+  if pretrained.latest_checkpoint_step(workdir) is None:  # a resumed run has them in its state
+    for source, _, label in methods.frozen_encoders(config).values():
+      try:
+        pretrained.check_source(source)
+      except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"{label}: {error}") from error
   # The handlers come first, so a signal during start-up or compilation is not lost either.
   with preemption.Watcher() as watcher:
     if jax.process_index() != 0:
@@ -258,7 +284,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with disk_full.reported(ckpt.directory, disk_full.state_bytes(abstract)):
     try:
       while step < config.total_steps:
-        batch = device_batch(next(iterator), inputs, batch_sharding)
+        with progress.waiting_for_input():  # host time only: no device sync (progress.py)
+          batch = device_batch(next(iterator), inputs, batch_sharding)
         state, metrics = train_step(state, batch, train_rng)
         step += 1
         progress.push(step, metrics)  # reads the previous step's metrics, logs on log steps

@@ -18,6 +18,7 @@ from mim_jax import methods
 from mim_jax import optim
 from mim_jax.data import pipeline
 from mim_jax.methods import cae
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 from mim_jax.models import vit
 from conftest import Trainer, assert_trees_close, mesh_of, to_host
@@ -378,7 +379,7 @@ def test_drop_path_reaches_encoder_target_regressor_and_decoder_in_training_only
   rates.clear()
   jax.eval_shape(loss(False), params)
   assert rates == []
-  assert cae.drop_path_rates(0.1, 4) == pytest.approx([0, 0.1 / 3, 0.2 / 3, 0.1])
+  assert layer_loop.drop_path_rates(0.1, 4) == pytest.approx([0, 0.1 / 3, 0.2 / 3, 0.1])
   assert cae_vit.get_config("batch_size=2048").method.drop_path == 0.1  # CAE's --drop_path
 
 

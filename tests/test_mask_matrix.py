@@ -44,7 +44,9 @@ CONFIGS = {
     "position": lambda: position_vit.get_config("variant=Mu/4,data=digits,image_size=16,"
                                                 "batch_size=8"),
 }
-MASKS = masking.GENERATORS.names()
+# The generators any method can draw by config alone; the model-scored ones (masking.SCORED)
+# are tested with the methods that feed them (tests/test_hpm.py, tests/test_maskalign.py).
+MASKS = [name for name in masking.GENERATORS.names() if name not in masking.SCORED]
 
 
 def config_with(method: str, mask: str):
@@ -141,9 +143,18 @@ def test_each_generator_trains_mae_on_8_devices(mask):
 def test_a_bad_mask_config_names_the_value_and_the_valid_ones():
   config = config_with("mae", "checkerboard")
   with pytest.raises(ValueError, match=r"unknown mask generator 'checkerboard'; valid: "
-                                       r"\['block', 'blue_noise', 'coarse', 'green_noise', "
-                                       r"'purple_noise', 'random', 'red_noise'\]"):
+                                       r"\['attention', 'block', 'blue_noise', 'coarse', "
+                                       r"'green_noise', 'hard_patch', 'purple_noise', 'random', "
+                                       r"'red_noise'\]"):
     config_validation.validate(config)
+  # A model-scored mask where nothing feeds its scores would silently be uniform: refused.
+  for method, mask, needs in [("mae", "attention", "a teacher's attention"),
+                              ("mae", "hard_patch", "HPM's loss predictor"),
+                              ("simmim_vit", "hard_patch", "HPM's loss predictor")]:
+    with pytest.raises(ValueError, match=rf"mask.name='{mask}' needs {needs}.*valid here: "
+                                         rf"\['block', 'blue_noise', 'coarse', 'green_noise', "
+                                         rf"'purple_noise', 'random', 'red_noise'\]"):
+      config_validation.validate(config_with(method, mask))
   config = config_with("simmim_vit", "coarse")
   config.mask.coarse.cell = 3
   with pytest.raises(ValueError, match=r"mask.coarse.cell 3 .*valid: \[1, 2\]"):
@@ -155,7 +166,8 @@ def test_gallery_greys_each_generators_masked_patches_and_the_tool_writes_it(tmp
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
   images[images == mask_gallery.GREY] = 0  # so grey marks masked pixels only
   rows = mask_gallery.masked_rows(config, images)
-  assert set(rows) == set(MASKS)
+  assert set(rows) == set(MASKS) | set(masking.SCORED)
+  assert all(isinstance(rows.pop(name), str) for name in masking.SCORED)  # need a model
   for name, row in rows.items():
     assert isinstance(row, np.ndarray), (name, row)  # config_with's knobs fit the 4x4 grid
     masked = (row == mask_gallery.GREY).reshape(3, 4, 4, 4, 4).all(axis=(2, 4))  # per patch

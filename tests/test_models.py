@@ -636,3 +636,13 @@ def test_stack_passes_the_restriction_to_every_block_also_rematerialised():
   np.testing.assert_allclose(everything, full, atol=1e-5)
   np.testing.assert_array_equal(remat, restricted)
   assert np.abs(np.asarray(restricted) - np.asarray(full)).max() > 1e-2
+
+
+def test_a_given_matmul_peak_replaces_the_measurement(monkeypatch):
+  """MIM_JAX_MATMUL_PEAK (a datasheet peak, or the test suite's one measurement) is returned as
+  is; a value that is not a number is a clear error. (__wrapped__: past the per-process cache.)"""
+  monkeypatch.setenv(flops.PEAK_ENV, "2.5e11")
+  assert flops.matmul_peak.__wrapped__(jnp.float32) == 2.5e11
+  monkeypatch.setenv(flops.PEAK_ENV, "fast")
+  with pytest.raises(ValueError, match=r"MIM_JAX_MATMUL_PEAK='fast' is not a number of FLOP/s"):
+    flops.matmul_peak.__wrapped__(jnp.float32)

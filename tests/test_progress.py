@@ -48,20 +48,25 @@ def test_reads_one_step_late_checks_every_step_and_logs_log_steps():
 
 
 def test_throughput_window_excludes_compilation_and_paused_time():
-  """Step N's fetch happens when step N + 1 is pushed; one second per step; the first logged
-  step (compilation) has no rate; an evaluation's 30 s do not count."""
+  """Step N's fetch happens when step N + 1 is pushed; one second per step, a quarter of it
+  getting the batch; the first logged step (compilation) has no rate or input share; an
+  evaluation's 30 s count in neither."""
   clock = Clock()
   progress, _, written = make(clock=clock)
   clock.now += 50.0  # compilation
   progress.push(1, metrics(1))
   for step in range(2, 22):
-    clock.now += 1.0
+    with progress.waiting_for_input():
+      clock.now += 0.25
+    clock.now += 0.75
     if step == 15:
       with progress.paused():
         clock.now += 30.0
     progress.push(step, metrics(step))
   rows = dict(written)
   assert rows[1]["images_per_sec"] == 0.0 and rows[1]["mfu"] == 0.0
+  assert rows[1]["input_wait_share"] == 0.0
+  assert rows[10]["input_wait_share"] == rows[20]["input_wait_share"] == pytest.approx(0.25)
   # Steps 2..10 (9 steps) between the fetch of step 1 and of step 10: 9 seconds.
   assert rows[10]["images_per_sec"] == pytest.approx(8.0)
   assert rows[10]["mfu"] == pytest.approx(8.0 * 1e6 / 1e9)

@@ -192,6 +192,7 @@ def test_mae_loss_falls_and_metrics_reach_jsonl_and_tensorboard(reference_run):
     assert {"step", "loss", "lr", "images_per_sec", "grad_norm"} <= set(row), row
     assert all(math.isfinite(row[k]) for k in ("loss", "lr", "images_per_sec", "grad_norm")), row
   assert all(row["images_per_sec"] > 0 for row in rows[1:])
+  assert all(0 <= row["input_wait_share"] <= 1 for row in rows), rows
   # Linear warmup from 0 to the scaled peak, then cosine decay.
   lrs = [row["lr"] for row in rows]
   assert lrs[0] == 0.0

@@ -15,6 +15,13 @@ A method file defines four functions:
       real (unpadded) entries of input `<x>`;
   train_flops_per_example(config) -> int, the analytic training FLOPs of one example;
   validate(config) -> None, raising ValueError on a config the method cannot run.
+A method that distils from a frozen encoder loaded from outside (MaskAlign's teacher) also
+defines
+  frozen_encoders(config) -> {subtree: (source, encoder_config, label)}: the top-level parameter
+      subtree ('frozen_<name>', which optim.skip_frozen never updates) that the trainer fills,
+      before anything compiles, with the encoder that `encoder_config` builds, read from
+      `source` (a workdir, an MAE .pth or an .npz: mim_jax/pretrained.py); `label` names the
+      source's config field in errors. A resumed run restores it from its checkpoint instead.
 The trainer knows nothing else about a method: it builds init inputs and batch shardings from
 `inputs`, and never names a modality.
 """
@@ -33,6 +40,7 @@ from mim_jax.methods import crate_mae
 from mim_jax.methods import finetune
 from mim_jax.methods import hubert
 from mim_jax.methods import mae
+from mim_jax.methods import maskalign
 from mim_jax.methods import position
 from mim_jax.methods import simmim
 from mim_jax.methods import tera
@@ -47,6 +55,7 @@ METHODS: Registry = Registry("method", {
     "finetune": finetune,
     "hubert": hubert,
     "mae": mae,
+    "maskalign": maskalign,
     "position": position,
     "simmim": simmim,
     "tera": tera,
@@ -80,6 +89,13 @@ def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Ar
   # train=False: initialisation needs no 'dropout' rng, and no parameter depends on it.
   return model.init({"params": params_rng, "mask": mask_rng}, **example_batch(config),
                     train=False)["params"]
+
+
+def frozen_encoders(config: ml_collections.ConfigDict
+                    ) -> dict[str, tuple[str, ml_collections.ConfigDict, str]]:
+  """The method's frozen encoders loaded from outside (see the module docstring); {} if none."""
+  module = get(config.method.name)
+  return module.frozen_encoders(config) if hasattr(module, "frozen_encoders") else {}
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:

@@ -48,6 +48,7 @@ from mim_jax import flops
 from mim_jax import masking
 from mim_jax import models
 from mim_jax.methods import mae
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -112,12 +113,6 @@ class RegressorBlock(nn.Module):
     x = norm("norm2")(queries + branch("gamma_1", attn))
     mlp = layers.Mlp(self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype, name="mlp")
     return x + branch("gamma_2", mlp(x))
-
-
-def drop_path_rates(rate: float, depth: int) -> list[float]:
-  """Stochastic-depth rates rising linearly from 0 to `rate` over `depth` blocks, as CAE's code
-  sets them for its encoder, regressor and decoder alike (and layers.Stack for the ViT)."""
-  return [rate * i / max(1, depth - 1) for i in range(depth)]
 
 
 # The decoder's block is the shared pre-norm self-attention block with layer scale:
@@ -196,8 +191,8 @@ class CAE(nn.Module):
     queries = jnp.broadcast_to(mask_token.astype(dtype), pos_masked.shape)
     kw = dict(layer_scale=self.layer_scale, exact_gelu=enc.exact_gelu, dtype=enc.dtype,
               param_dtype=enc.param_dtype, attention_impl=enc.attention_impl)
-    regressor_cls = nn.remat(RegressorBlock) if enc.remat else RegressorBlock
-    for i, rate in enumerate(drop_path_rates(self.drop_path if train else 0.0,
+    regressor_cls = layer_loop.remat(RegressorBlock, enc.remat)
+    for i, rate in enumerate(layer_loop.drop_path_rates(self.drop_path if train else 0.0,
                                              self.regressor_depth)):
       queries = regressor_cls(self.heads, 4 * self.width, drop_path=rate, **kw,
                               name=f"regressor_{i}")(queries, visible, pos_masked, pos_visible)
@@ -206,8 +201,8 @@ class CAE(nn.Module):
     latent_pred = norm("regressor_norm")(queries)
 
     x = latent_pred + pos_masked
-    decoder_cls = nn.remat(DecoderBlock) if enc.remat else DecoderBlock
-    for i, rate in enumerate(drop_path_rates(self.drop_path if train else 0.0,
+    decoder_cls = layer_loop.remat(DecoderBlock, enc.remat)
+    for i, rate in enumerate(layer_loop.drop_path_rates(self.drop_path if train else 0.0,
                                              self.decoder_depth)):
       x = decoder_cls(self.heads, 4 * self.width, drop_path=rate, **kw, name=f"decoder_{i}")(x)
     pixels = _dense(enc.patch * enc.patch * self.channels, "head", enc.dtype,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 
 Dtype = Any
@@ -244,7 +245,7 @@ class Conformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
-  remat: bool = False
+  remat: bool | str = "none"  # layer_loop.REMAT_POLICIES; True / False: 'full' / 'none'.
 
   @nn.compact
   def __call__(self, feats: jax.Array, valid: jax.Array, *, train: bool = False
@@ -252,7 +253,7 @@ class Conformer(nn.Module):
     rate = self.dropout if train else 0.0
     x, valid = Subsampling(self.width, rate, self.dtype, self.param_dtype,
                            name="subsampling")(feats, valid)
-    block_cls = nn.remat(ConformerBlock) if self.remat else ConformerBlock
+    block_cls = layer_loop.remat(ConformerBlock, self.remat)
     aux = {}
     for i in range(self.depth):
       x = block_cls(self.heads, self.conv_kernel, self.ff_mult, rate, self.dtype,

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 
 Dtype = Any
@@ -154,7 +155,7 @@ class Crate(nn.Module):
   supervised CRATE code; CRATE-MAE's is the plain projection (False).
 
   aux: every layer's output ('block_i'), 'cls' (the normed cls token) and 'gap' (the mean of the
-  normed patch tokens).
+  normed patch tokens). `remat` and `scan_layers` as in layers.Stack.
   """
   width: int
   depth: int
@@ -163,11 +164,12 @@ class Crate(nn.Module):
   ista_eta: float = 0.1
   ista_lambda: float = 0.1
   patch_norm: bool = False
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   posemb: str = "sincos"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
@@ -177,12 +179,10 @@ class Crate(nn.Module):
     _, h, w, _ = images.shape
     x = layers.embed_tokens(self, self._embed(images), (h // self.patch, w // self.patch),
                             self.posemb, ids_keep, token_mask)
-    layer_cls = nn.remat(CrateLayer) if self.remat else CrateLayer
-    aux = {}
-    for i in range(self.depth):
-      x = layer_cls(self.heads, self.ista_eta, self.ista_lambda, self.dtype, self.param_dtype,
-                    self.attention_impl, name=f"block_{i}")(x)
-      aux[f"block_{i}"] = x
+    fields = dict(heads=self.heads, eta=self.ista_eta, lam=self.ista_lambda, dtype=self.dtype,
+                  param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    x, aux = layer_loop.run(self, CrateLayer, fields, self.depth, x, scan=self.scan_layers,
+                            remat_policy=self.remat)
     x = _norm(self, "norm", FINAL_NORM_EPS)(x)
     aux["cls"] = x[:, 0]
     aux["gap"] = x[:, 1:].mean(axis=1)
@@ -208,16 +208,17 @@ class CrateDecoder(nn.Module):
   paper does not have): a learned mask token is put at every masked position and fixed sin-cos
   position embeddings are added, as MAE's decoder does. Without it the encoder saw every
   position (the paper's pipeline) and the tokens go straight into the layers, which is what
-  the reference code does.
+  the reference code does. `remat` and `scan_layers` as in layers.Stack.
   """
   depth: int
   heads: int
   grid: tuple[int, int]
   out_dim: int
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None
@@ -228,12 +229,10 @@ class CrateDecoder(nn.Module):
       x = layers.insert_mask_tokens(x, layers.mask_token(self, width), ids_restore)
       x = x + jnp.asarray(layers.sincos_posemb_2d(self.grid, width, with_cls=True),
                           self.dtype)[None]
-    layer_cls = nn.remat(CrateDecoderLayer) if self.remat else CrateDecoderLayer
-    aux = {}
-    for i in range(self.depth):
-      x = layer_cls(self.heads, self.dtype, self.param_dtype, self.attention_impl,
-                    name=f"block_{i}")(x)
-      aux[f"block_{i}"] = x
+    fields = dict(heads=self.heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                  attention_impl=self.attention_impl)
+    x, aux = layer_loop.run(self, CrateDecoderLayer, fields, self.depth, x,
+                            scan=self.scan_layers, remat_policy=self.remat)
     x = _norm(self, "norm", FINAL_NORM_EPS)(x)
     pred = layers.dense(self.out_dim, "pred", self.dtype, self.param_dtype)(x)
     return pred[:, 1:], aux
@@ -243,6 +242,7 @@ def build(config: ml_collections.ConfigDict) -> Crate:
   m = config.model
   size, patch = parse_variant(m.variant)
   return Crate(size.width, size.depth, size.heads, patch, ista_eta=m.ista_eta,
-               ista_lambda=m.ista_lambda, patch_norm=m.patch_norm, remat=m.remat,
-               dtype=layers.dtype(m.dtype), param_dtype=layers.dtype(m.param_dtype),
-               attention_impl=layers.attention_impl(m.attention_impl))
+               ista_lambda=m.ista_lambda, patch_norm=m.patch_norm,
+               remat=layer_loop.policy_name(m.remat), dtype=layers.dtype(m.dtype),
+               param_dtype=layers.dtype(m.param_dtype),
+               attention_impl=layers.attention_impl(m.attention_impl), scan_layers=m.scan_layers)

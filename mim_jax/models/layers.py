@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax.models import layer_loop
 from mim_jax.registry import Registry
 
 Dtype = Any
@@ -328,11 +329,17 @@ class Mlp(nn.Module):
     return dense(x.shape[-1], "fc2", self.dtype, self.param_dtype)(gelu(y, self.exact_gelu))
 
 
-def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def drops(rate: float | jax.Array) -> bool:
+  """Whether stochastic depth at `rate` may drop: a rate above 0, or a traced one (a scanned
+  layer's, models/layer_loop.py), which is known only inside the step."""
+  return isinstance(rate, jax.Array) or rate > 0
+
+
+def stochastic_depth(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
   """Stochastic depth (Huang et al. 2016), per sample: each example's residual branch `x`
   [B, ...] is zeroed with probability `rate`, and kept ones are scaled by 1 / (1 - rate), so
   the expectation is `x`."""
-  if rate <= 0.0:
+  if not drops(rate):
     return x
   keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
@@ -362,7 +369,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
-  drop_path: float = 0.0
+  drop_path: float | jax.Array = 0.0  # Traced when the blocks are scanned (layers.Stack).
   layer_scale: float = 0.0
 
   @nn.compact
@@ -372,7 +379,7 @@ class Block(nn.Module):
 
     def branch(name: str, y: jax.Array) -> jax.Array:
       y = layer_scale(self, name, self.layer_scale, y)
-      if self.drop_path > 0:
+      if drops(self.drop_path):
         y = stochastic_depth(y, self.drop_path, self.make_rng("dropout"))
       return y
 
@@ -383,8 +390,10 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-  """`depth` transformer blocks named block_0 .. block_{depth-1}, optionally rematerialised,
-  every one with the same attention restriction (kv_ids, kv_mask, mask; see `Attention`).
+  """`depth` transformer blocks named block_0 .. block_{depth-1}, every one with the same
+  attention restriction (kv_ids, kv_mask, mask; see `Attention`), rematerialised under the
+  `remat` policy and unrolled or, with `scan_layers`, scanned (models/layer_loop.py: the
+  parameters are stored per block either way).
 
   Returns the output and a dict of every block's output, so evaluators can read any layer.
   Unused intermediates cost nothing under jit: XLA removes them.
@@ -396,21 +405,20 @@ class Stack(nn.Module):
   heads: int
   mlp_dim: int
   exact_gelu: bool = True
-  remat: bool = False
+  remat: bool | str = "none"  # A layer_loop.REMAT_POLICIES name; True / False: 'full' / 'none'.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   drop_path: float = 0.0
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, kv_ids: jax.Array | None = None,
                kv_mask: jax.Array | None = None, mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    block_cls = nn.remat(Block) if self.remat else Block
-    aux = {}
-    for i in range(self.depth):
-      rate = self.drop_path * i / max(1, self.depth - 1)
-      x = block_cls(self.heads, self.mlp_dim, self.exact_gelu, self.dtype, self.param_dtype,
-                    self.attention_impl, rate, name=f"block_{i}")(x, kv_ids, kv_mask, mask)
-      aux[f"block_{i}"] = x
-    return x, aux
+    fields = dict(heads=self.heads, mlp_dim=self.mlp_dim, exact_gelu=self.exact_gelu,
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  attention_impl=self.attention_impl)
+    return layer_loop.run(self, Block, fields, self.depth, x, kv_ids, kv_mask, mask,
+                          scan=self.scan_layers, remat_policy=self.remat,
+                          drop_path=self.drop_path)

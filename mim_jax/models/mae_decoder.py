@@ -14,7 +14,8 @@ from mim_jax.models import layers
 class MAEDecoder(nn.Module):
   """Maps encoder output [B, 1+k, D] and ids_restore [B, N] to patch predictions [B, N, out_dim].
   With ids_restore None the encoder saw every position ([B, 1+N, D], in patch order, masked
-  patches as mask tokens): no mask token is inserted here."""
+  patches as mask tokens): no mask token is inserted here. `remat` and `scan_layers` as in
+  layers.Stack."""
   width: int
   depth: int
   heads: int
@@ -22,10 +23,11 @@ class MAEDecoder(nn.Module):
   grid: tuple[int, int]
   out_dim: int
   exact_gelu: bool = True
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None
@@ -36,6 +38,7 @@ class MAEDecoder(nn.Module):
     x = x + jnp.asarray(layers.sincos_posemb_2d(self.grid, self.width, with_cls=True),
                         self.dtype)[None]
     x, aux = layers.Stack(self.depth, self.heads, self.mlp_dim, self.exact_gelu, self.remat,
-                          self.dtype, self.param_dtype, self.attention_impl, name="blocks")(x)
+                          self.dtype, self.param_dtype, self.attention_impl,
+                          scan_layers=self.scan_layers, name="blocks")(x)
     x = layers.layer_norm("norm", self.dtype, self.param_dtype)(x)
     return layers.dense(self.out_dim, "pred", self.dtype, self.param_dtype)(x)[:, 1:], aux

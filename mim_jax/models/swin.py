@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 
 Dtype = Any
@@ -247,7 +248,7 @@ class Swin(nn.Module):
   patch: int = 4
   window: int = 7
   exact_gelu: bool = True
-  remat: bool = False
+  remat: bool | str = "none"  # layer_loop.REMAT_POLICIES; True / False: 'full' / 'none'.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -269,7 +270,7 @@ class Swin(nn.Module):
     aux = {"embed": x}
     b, res = x.shape[0], height // self.patch
     x = x.reshape(b, res, res, self.embed_dim)
-    block_cls = nn.remat(SwinBlock) if self.remat else SwinBlock
+    block_cls = layer_loop.remat(SwinBlock, self.remat)
     for i, (depth, heads) in enumerate(zip(self.depths, self.heads)):
       if i:
         x = PatchMerging(self.dtype, self.param_dtype, name=f"merge_{i}")(x)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax.models import layer_loop
 from mim_jax.models import layers
 
 
@@ -69,6 +70,9 @@ class ViT(nn.Module):
     final_norm=False leaves out the final LayerNorm (and its parameters): MAE's fine-tuning with
       global average pooling normalises the pooled feature instead (its fc_norm). Then 'cls' and
       'gap' in aux are read from the un-normed last block.
+  Memory and compile time (layers.Stack): `remat` names a layer_loop.REMAT_POLICIES policy
+  (True / False: 'full' / 'none'); scan_layers=True runs the blocks as one scan, with the same
+  parameters.
   """
   width: int
   depth: int
@@ -76,7 +80,7 @@ class ViT(nn.Module):
   mlp_dim: int
   patch: int
   exact_gelu: bool = True
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
@@ -84,6 +88,7 @@ class ViT(nn.Module):
   drop_path: float = 0.0
   final_norm: bool = True
   patch_init: layers.PatchInit = layers.xavier_patch_init  # MAE's; layers.PATCH_INITS.
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
@@ -100,7 +105,8 @@ class ViT(nn.Module):
                                axis=1)
     x, aux = layers.Stack(self.depth, self.heads, self.mlp_dim, self.exact_gelu, self.remat,
                           self.dtype, self.param_dtype, self.attention_impl,
-                          self.drop_path if train else 0.0, name="blocks")(x, kv_ids)
+                          self.drop_path if train else 0.0, self.scan_layers,
+                          name="blocks")(x, kv_ids)
     if self.final_norm:
       x = layers.layer_norm("norm", self.dtype, self.param_dtype)(x)
     aux["cls"] = x[:, 0]
@@ -112,7 +118,7 @@ def build(config: ml_collections.ConfigDict) -> ViT:
   m = config.model
   size, patch = parse_variant(m.variant)
   return ViT(size.width, size.depth, size.heads, size.mlp_dim, patch,
-             exact_gelu=m.exact_gelu, remat=m.remat, dtype=layers.dtype(m.dtype),
-             param_dtype=layers.dtype(m.param_dtype),
+             exact_gelu=m.exact_gelu, remat=layer_loop.policy_name(m.remat),
+             dtype=layers.dtype(m.dtype), param_dtype=layers.dtype(m.param_dtype),
              attention_impl=layers.attention_impl(m.attention_impl), posemb=m.posemb,
-             patch_init=layers.patch_init(m.patch_init))
+             patch_init=layers.patch_init(m.patch_init), scan_layers=m.scan_layers)

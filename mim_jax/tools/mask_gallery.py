@@ -7,7 +7,9 @@ One row per generator of mim_jax/masking.py (masking.GENERATORS), each with the 
 `mask.ratio` and that generator's knobs (`config.mask.<name>`), on the first --images images of
 the config's evaluation split; masked patches are grey. The top row is the images. A generator
 whose constraints the config's patch grid cannot meet (e.g. BEiT's 16-patch blocks on a 4x4
-grid) is left out, its error written under the rows.
+grid) is left out, its error written under the rows, as are the model-scored generators
+(masking.SCORED: HPM's hard patches, MaskAlign's teacher attention), whose masks depend on a
+trained model's outputs; without them they would show uniform masks under a misleading name.
 """
 
 import json
@@ -37,6 +39,9 @@ def masked_rows(config: ml_collections.ConfigDict, images: np.ndarray, seed: int
   grid = (images.shape[1] // patch, images.shape[2] // patch)
   rows = {}
   for name in sorted(masking.GENERATORS):
+    if name in masking.SCORED:
+      rows[name] = f"{name}: drawn from {masking.SCORED[name]}, not from the rng alone"
+      continue
     try:
       spec = masking.MaskSpec.from_config(config.mask, name=name)
       mask = masking.draw(jax.random.key(seed), len(images), grid, spec).mask

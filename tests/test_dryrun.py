@@ -1,0 +1,99 @@
+"""The dry-run memory planner (mim_jax/tools/dryrun.py): MAE ViT-L/16 and ViT-H/14 at 224 px
+compile for the 8 fake devices with FSDP, nothing allocated, and the memory XLA reports per
+device holds what a hand count of the parameters and Adam's state says; FSDP refuses a large
+parameter it cannot split, in one line from the command line."""
+
+import jax
+import pytest
+
+from configs import mae_vit
+from conftest import abstract_params
+from conftest import mesh_of
+from conftest import run_module
+from mim_jax import sharding
+from mim_jax.models import vit
+from mim_jax.tools import dryrun
+
+DEVICES = 8
+# 8 images a device. Not fewer: at one image a device XLA's CPU compiler emits the matmuls as
+# inline loops instead of library calls, and compiling L/16 took 64 CPU-s instead of 28.
+BATCH = 64
+F32 = 4
+
+
+def mae_vit_params(variant: str, decoder_depth: int = 8, decoder_width: int = 512,
+                   channels: int = 3) -> int:
+  """MAE's parameters counted by hand (He et al. 2021: a ViT encoder, sin-cos position tables
+  that are not parameters, an 8-block 512-wide decoder with MLP ratio 4)."""
+  size, patch = vit.parse_variant(variant)
+  pixels = patch * patch * channels
+
+  def blocks(depth: int, d: int, m: int) -> int:
+    # Two LayerNorms (2d each), qkv (3d^2 + 3d), output projection (d^2 + d), MLP (2dm + m + d).
+    return depth * (4 * d * d + 2 * d * m + m + 9 * d)
+
+  d, dd = size.width, decoder_width
+  encoder = pixels * d + d + d + blocks(size.depth, d, size.mlp_dim) + 2 * d  # patch, cls, norm
+  decoder = (d * dd + dd + dd + blocks(decoder_depth, dd, 4 * dd) + 2 * dd    # embed, mask, norm
+             + dd * pixels + pixels)                                          # pixel prediction
+  return encoder + decoder
+
+
+@pytest.mark.parametrize("variant", ["L/16", "H/14"])
+def test_mae_plan_with_fsdp_matches_a_hand_count(variant):
+  config = mae_vit.get_config(f"variant={variant},batch_size={BATCH},data=synthetic")
+  config.sharding.fsdp = True
+  row = dryrun.plan(config, device_memory=80 * 2 ** 30)
+  params = mae_vit_params(variant)
+  assert row["devices"] == DEVICES and row["params"] == params
+
+  # Resident per device: an eighth of the parameters and of Adam's two moments, in float32,
+  # and an eighth of the batch of 224 px images.
+  state = 3 * params * F32 / DEVICES
+  images = BATCH // DEVICES * 224 * 224 * 3 * F32
+  assert row["param_bytes"] == pytest.approx(params * F32 / DEVICES, rel=0.1)
+  assert row["opt_bytes"] == pytest.approx(2 * params * F32 / DEVICES, rel=0.1)
+  assert row["arguments"] == pytest.approx(state + images, rel=0.1)
+  # The state is donated: the new state is written over it; only the metrics and the output
+  # tuple's table of buffers (8 bytes a leaf) are new.
+  assert 0 < row["outputs"] - row["aliased"] < 1e-3 * row["aliased"]
+  assert row["total"] == row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"]
+  assert row["temporaries"] > 0 and row["fits"]
+  # Only small leaves (biases, norms, tokens) stay whole on every device.
+  largest = row["largest_unsharded"]
+  assert largest["bytes"] < config.sharding.fsdp_min_size * F32, largest
+  assert row["train_flops_per_step"] > 0 and row["compile_s"] > 0
+
+  lines = dryrun.report(row).splitlines()
+  assert lines[0] == f"mae vit {variant}, batch {BATCH} on 8 cpu devices, FSDP on"
+  assert "fits 80.00 GiB: yes" in "\n".join(lines)
+
+
+def test_fsdp_refuses_a_large_parameter_it_cannot_split():
+  config = mae_vit.get_config("variant=Mu/4,decoder=1x32,image_size=16,batch_size=24,"
+                              "data=digits")
+  config.sharding.fsdp = True
+  state = {"params": abstract_params(config)}
+  mesh = mesh_of(jax.devices()[:3])  # The micro ViT's MLP kernels are 64 x 256: no multiple of 3.
+  with pytest.raises(ValueError, match=r"params/encoder/blocks/block_0/mlp/fc1/kernel of shape "
+                                       r"\(64, 256\) over 3 devices.*fsdp_min_size above 16384"):
+    sharding.state_shardings(state, mesh, config)
+  config.sharding.fsdp_min_size = 64 * 256 + 1  # the fix the message names
+  sharding.state_shardings(state, mesh, config)
+
+  # From the command line: one line, the device count taken from --devices.
+  result = run_module("mim_jax.tools.dryrun", "--config=configs/mae_vit.py:variant=Mu/4,"
+                      "decoder=1x32,image_size=16,batch_size=24,data=digits", "--devices=3",
+                      "--fsdp")
+  assert result.returncode == 1 and result.stderr.startswith("error: FSDP cannot split params/"), (
+      result.stderr[-2000:])
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_device_memory_sizes():
+  assert dryrun.parse_bytes("16GiB") == 16 * 2 ** 30
+  assert dryrun.parse_bytes("141GiB") == 141 * 2 ** 30
+  assert dryrun.parse_bytes("40GB") == 40 * 10 ** 9
+  assert dryrun.parse_bytes("1024") == 1024
+  with pytest.raises(ValueError, match="'16 gigs' is not a size"):
+    dryrun.parse_bytes("16 gigs")

@@ -57,17 +57,6 @@ from mim_jax import masking
 from mim_jax.models import layers
 from mim_jax.models import vit
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An MAE config, e.g. "
-                                          "configs/mae_vit.py:variant=Ti/4.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per mode.")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after the first (compiling) one.")
-_MODES = flags.DEFINE_list("modes", "eager,compiled", "Any of: eager, compiled.")
-_THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 = the cores this process "
-                                "may use. On a busy machine 1 may time better: torch's OpenMP "
-                                "threads wait for each other at every op.")
-_AGAINST = flags.DEFINE_string("against", "", "A file whose last line is mim_jax.bench's JSON "
-                               "line: prints mim_jax's throughput over each mode's.")
-flags.mark_flags_as_required(["config"])
 
 MODES = ("eager", "compiled")
 LN_EPS = 1e-6  # ViT's and MAE's LayerNorm epsilon (PyTorch's default is 1e-5).
@@ -310,16 +299,17 @@ def read_bench_line(path: str) -> dict:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if bad := [m for m in _MODES.value if m not in MODES]:
+  if bad := [m for m in flags.FLAGS.modes if m not in MODES]:
     raise ValueError(f"--modes: unknown {bad}; valid: {', '.join(MODES)}")
-  mim_jax = read_bench_line(_AGAINST.value) if _AGAINST.value else None  # fail before timing
-  sizes = Sizes.from_config(_CONFIG.value)
-  threads = _THREADS.value or len(os.sched_getaffinity(0))
+  against = flags.FLAGS.against
+  mim_jax = read_bench_line(against) if against else None  # fail before timing
+  sizes = Sizes.from_config(flags.FLAGS.config)
+  threads = flags.FLAGS.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   config_arg = next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), "")
   rates = {}
-  for mode in _MODES.value:
-    row = time_mode(sizes, mode, _STEPS.value, _WARMUP.value)
+  for mode in flags.FLAGS.modes:
+    row = time_mode(sizes, mode, flags.FLAGS.steps, flags.FLAGS.warmup)
     rates[mode] = row["images_per_sec"]
     print(json.dumps({"impl": "torch", "mode": mode, "config": config_arg,
                       "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
@@ -331,4 +321,17 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so importing this module next to other tools that define
+  # --config (tests, the notebook) does not clash with their flags.
+  config_flags.DEFINE_config_file("config", None, "An MAE config, e.g. "
+                                  "configs/mae_vit.py:variant=Ti/4.", lock_config=True)
+  flags.DEFINE_integer("steps", 20, "Timed steps per mode.")
+  flags.DEFINE_integer("warmup", 5, "Untimed steps after the first (compiling) one.")
+  flags.DEFINE_list("modes", "eager,compiled", "Any of: eager, compiled.")
+  flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 = the cores this process "
+                       "may use. On a busy machine 1 may time better: torch's OpenMP "
+                       "threads wait for each other at every op.")
+  flags.DEFINE_string("against", "", "A file whose last line is mim_jax.bench's JSON "
+                      "line: prints mim_jax's throughput over each mode's.")
+  flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=errors.parse_flags)

@@ -646,3 +646,30 @@ def test_a_given_matmul_peak_replaces_the_measurement(monkeypatch):
   monkeypatch.setenv(flops.PEAK_ENV, "fast")
   with pytest.raises(ValueError, match=r"MIM_JAX_MATMUL_PEAK='fast' is not a number of FLOP/s"):
     flops.matmul_peak.__wrapped__(jnp.float32)
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies_and_logs_each_choice_once(caplog):
+  """'auto' hands GPU bf16/fp16 plain attention of 4-D inputs with a head dim cuDNN's flash
+  kernel takes to cuDNN, and everything else (CPU, float32, Swin's windows, biases and masks)
+  to the XLA einsums; each choice on an accelerator is logged once, with its reason. (This host has no GPU: the
+  GPU path itself runs in launch/gpu_bench.sh.)"""
+  auto = layers.auto_attention
+  layers._LOGGED_CHOICES.clear()  # pylint: disable=protected-access
+  with caplog.at_level("INFO"):
+    assert auto("gpu", jnp.bfloat16, 4, 64, False) == "cudnn"
+    assert auto("gpu", jnp.float16, 4, 128, False) == "cudnn"
+    assert auto("gpu", jnp.bfloat16, 4, 64, False) == "cudnn"  # logged once
+    assert auto("cpu", jnp.bfloat16, 4, 64, False) == "xla"
+    assert auto("gpu", jnp.float32, 4, 64, False) == "xla"
+    assert auto("gpu", jnp.bfloat16, 5, 32, False) == "xla"   # Swin's [B, windows, N, H, hd]
+    assert auto("gpu", jnp.bfloat16, 4, 160, False) == "xla"
+    assert auto("gpu", jnp.bfloat16, 4, 64, True) == "xla"
+  lines = [r.getMessage() for r in caplog.records if "attention_impl auto" in r.getMessage()]
+  assert lines[0] == "attention_impl auto: cudnn (GPU, half precision, plain attention)"
+  assert len(lines) == 5 and "xla (not for dtype float32)" in lines[1]  # none for the CPU
+  assert "head dim 160" in lines[3] and "a bias or mask" in lines[4]
+  # On this CPU, 'auto' is the XLA einsums: the same numbers as asking for them by name.
+  q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(2, 5, 2, 8)), jnp.float32)
+             for i in range(3))
+  np.testing.assert_array_equal(layers.dot_product_attention(q, k, v),
+                                layers.dot_product_attention(q, k, v, implementation="xla"))

@@ -3,12 +3,14 @@ calls, the dense/norm factories, patch embedding, fixed 2D sin-cos position embe
 token embedding of ViT-like encoders (mask, position and cls tokens), pre-norm transformer
 blocks and the patchify helpers used by losses and decoders.
 
-It imports only jax, flax, numpy and the bottom-floor registry: every model file builds on it.
+It imports only jax, flax, numpy, absl logging and the bottom-floor registry (and its sibling
+layer_loop.py): every model file builds on it.
 """
 
 from typing import Any, Callable
 
 import flax.linen as nn
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,6 +219,31 @@ def insert_mask_tokens(x: jax.Array, token: jax.Array, ids_restore: jax.Array) -
   return jnp.concatenate([x[:, :1], x_full], 1)
 
 
+_LOGGED_CHOICES: set[tuple[str, str]] = set()
+
+
+def auto_attention(backend: str, dtype: Dtype, ndim: int, head_dim: int, restricted: bool
+                   ) -> str:
+  """model.attention_impl='auto': cuDNN's fused flash attention where it applies, else the XLA
+  einsums. It applies on a GPU, for bf16 or fp16 inputs of [B, N, H, hd] with hd a multiple of
+  8 up to 128 (the head sizes cuDNN's flash kernel takes) and no bias or mask (ViT's and MAE's
+  attention; Swin's windows and padded speech keep XLA, whose masking is exact). On an
+  accelerator, logs each choice once per process, with the reason (on a CPU it is always XLA,
+  and the tools' one-line error output stays one line)."""
+  reasons = [why for why, bad in (
+      (f"backend {backend}", backend != "gpu"),
+      (f"dtype {jnp.dtype(dtype).name}", jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)),
+      (f"{ndim}-D inputs", ndim != 4),
+      (f"head dim {head_dim}", head_dim % 8 or head_dim > 128),
+      ("a bias or mask", restricted)) if bad]
+  choice = "xla" if reasons else "cudnn"
+  why = "not for " + ", ".join(reasons) if reasons else "GPU, half precision, plain attention"
+  if backend != "cpu" and (choice, why) not in _LOGGED_CHOICES:
+    _LOGGED_CHOICES.add((choice, why))
+    logging.info("attention_impl auto: %s (%s)", choice, why)
+  return choice
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           bias: jax.Array | None = None, mask: jax.Array | None = None,
                           implementation: str | None = None) -> jax.Array:
@@ -230,12 +257,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Logits and softmax are float32 whatever the input dtype. The einsums also take more leading
   batch dims ([B, windows, N, H, hd] and bias/mask broadcastable to [B, windows, H, Nq, Nk]).
 
-  implementation: None or 'xla' run the einsums below, the math of
+  implementation: None ('auto') picks with `auto_attention`; 'xla' runs the einsums below, the math of
   `jax.nn.dot_product_attention(implementation='xla')` written so that XLA's CPU backend runs it
   faster: the scale multiplies q, where it fuses into the copy that lays q out for the batched
   matmul, instead of the [B, H, Nq, Nk] logits. 'cudnn' hands the same arguments to that
   function's fused flash kernel (GPU, bf16/fp16, 4-D inputs).
   """
+  if implementation is None:
+    implementation = auto_attention(jax.default_backend(), q.dtype, q.ndim, q.shape[-1],
+                                    bias is not None or mask is not None)
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)

@@ -65,17 +65,6 @@ from mim_jax import sharding
 from mim_jax import train
 from mim_jax import tree_paths
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
-                                          "configs/mae_vit.py:variant=L/16.", lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Devices to plan for (the mesh's size).")
-_FSDP = flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over the "
-                          "devices (sets config.sharding.fsdp).")
-_DEVICE_MEMORY = flags.DEFINE_string("device_memory", "80GiB", "Memory of one device, e.g. "
-                                     "16GiB, 80GiB, 141GiB, 40GB or a number of bytes.")
-_PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "cpu: --devices fake "
-                              "CPU devices; gpu, tpu: this host's accelerators.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the report.")
-flags.mark_flags_as_required(["config"])
 
 UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
          "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
@@ -206,16 +195,29 @@ def use_devices(platform: str, count: int) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  device_memory = parse_bytes(_DEVICE_MEMORY.value)
-  use_devices(_PLATFORM.value, _DEVICES.value)
-  config = _CONFIG.value
-  if _FSDP.value:
+  device_memory = parse_bytes(flags.FLAGS.device_memory)
+  use_devices(flags.FLAGS.platform, flags.FLAGS.devices)
+  config = flags.FLAGS.config
+  if flags.FLAGS.fsdp:
     config.sharding.fsdp = True
   config_validation.validate(config)
   row = plan(config, device_memory)
-  print(json.dumps(row) if _JSON.value else report(row))
+  print(json.dumps(row) if flags.FLAGS.json else report(row))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so importing this module next to other tools that define
+  # --config (tests, the notebook) does not clash with their flags.
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
+                                  "configs/mae_vit.py:variant=L/16.", lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Devices to plan for (the mesh's size).")
+  flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over the "
+                    "devices (sets config.sharding.fsdp).")
+  flags.DEFINE_string("device_memory", "80GiB", "Memory of one device, e.g. "
+                      "16GiB, 80GiB, 141GiB, 40GB or a number of bytes.")
+  flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "cpu: --devices fake "
+                    "CPU devices; gpu, tpu: this host's accelerators.")
+  flags.DEFINE_bool("json", False, "Print one JSON line instead of the report.")
+  flags.mark_flags_as_required(["config"])
   jax.config.config_with_absl()
   app.run(main, flags_parser=errors.parse_flags)

@@ -48,9 +48,11 @@ demo: $(VENV)/.installed
 
 # Two pytest workers (pytest-xdist), one per core of the 2-core CI machine: most of the suite's
 # time is XLA compilation, which runs on one thread. TEST_WORKERS=0 runs in one process.
+# --dist loadfile keeps each test file on one worker, so a module-scoped fixture (a shared
+# trained state, say) is built once rather than once per worker.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # mim_jax's train step, then its PyTorch peer (benchmarks/torch_mae.py: the same model, batch
 # and mask ratio, eager and torch.compile) on the same config, one after the other, then a line

@@ -16,6 +16,7 @@ differs (fine-tuning at another resolution), and fixed sin-cos ones are recomput
 """
 
 import json
+import os
 import re
 from typing import Any
 
@@ -229,7 +230,10 @@ def _read_workdir(workdir: str) -> dict[str, np.ndarray]:
   if step is None:
     raise FileNotFoundError(f"{workdir} has no committed checkpoint under "
                             f"{epath.Path(workdir) / 'checkpoints'}")
-  path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+  # orbax takes absolute paths only: a relative workdir (`init_from=workdirs/demo`) is made
+  # absolute here; a URL (gs://...) already is.
+  root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+  path = epath.Path(root) / "checkpoints" / str(step) / "state"
   # The item's handler, not a Checkpointer: the step's metadata lives one level up.
   handler = ocp.PyTreeCheckpointHandler()
   try:

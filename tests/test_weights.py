@@ -434,6 +434,11 @@ def test_workdir_params_load_bit_exactly(workdir):
     np.testing.assert_array_equal(leaves[name], value, err_msg=name)
   encoder = pretrained.load_encoder_params(str(path), config)
   assert encoder.keys() == params["encoder"].keys()
+  # A relative workdir, as `make demo` passes init_from=workdirs/demo (orbax wants absolute).
+  with pytest.MonkeyPatch.context() as patch:
+    patch.chdir(path.parent)
+    relative = pretrained.load_encoder_params(path.name, config)
+  jax.tree.map(np.testing.assert_array_equal, relative, encoder)
 
   # Into a learned-posemb model at 24 px: the table is the sin-cos the encoder was trained with.
   wide = make_config(MICRO_MAE.replace("image_size=16", "image_size=24"), posemb="learned")

@@ -7,8 +7,9 @@ same code runs on one CPU, a multi-GPU host or a TPU pod: the step is a single `
 global mesh, and each process feeds its own shard of the batch.
 """
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import flax.linen as nn
@@ -79,11 +80,19 @@ def read_frozen(config: ml_collections.ConfigDict) -> dict[str, Any]:
   config builds. A missing or mismatched source raises, naming the config field that gave it."""
   trees = {}
   for subtree, (source, encoder_config, label) in methods.frozen_encoders(config).items():
-    try:
+    with _labelled(label):
       trees[subtree] = pretrained.load_encoder_params(source, encoder_config)
-    except (FileNotFoundError, ValueError) as error:
-      raise type(error)(f"{label}: {error}") from error
   return trees
+
+
+@contextlib.contextmanager
+def _labelled(label: str) -> Iterator[None]:
+  """Re-raises a bad source's FileNotFoundError or ValueError prefixed with `label`, the config
+  field that named it."""
+  try:
+    yield
+  except (FileNotFoundError, ValueError) as error:
+    raise type(error)(f"{label}: {error}") from error
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -213,10 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_from.check(config, workdir)  # before anything is written: a typo leaves no workdir
   if pretrained.latest_checkpoint_step(workdir) is None:  # a resumed run has them in its state
     for source, _, label in methods.frozen_encoders(config).values():
-      try:
+      with _labelled(label):
         pretrained.check_source(source)
-      except (FileNotFoundError, ValueError) as error:
-        raise type(error)(f"{label}: {error}") from error
   # The handlers come first, so a signal during start-up or compilation is not lost either.
   with preemption.Watcher() as watcher:
     if jax.process_index() != 0:

@@ -5,8 +5,12 @@ Saves are asynchronous and atomic (orbax writes to a temporary directory and ren
 complete), so a crash mid-save leaves the previous checkpoint as the newest valid one. Restore
 reads straight into the target shardings. Before restoring, the saved parameter signature is
 compared with the model being trained, so a workdir from a different model is refused rather
-than silently overwritten. A step damaged after it was committed (a file cut short or deleted)
-is set aside, and the run resumes from the newest intact one (mim_jax/checkpoint_damage.py).
+than silently overwritten. A checkpoint keeps the layer layout of the run that saved it (scanned
+layers stored stacked, or one entry per layer: mim_jax/layer_layout.py), which costs a save
+nothing; one saved with model.scan_layers the other way is read in its own layout, sharded as
+the run's parameters are, and converted on the devices. A step damaged after it was committed
+(a file cut short or deleted) is set aside, and the run resumes from the newest intact one
+(mim_jax/checkpoint_damage.py).
 """
 
 import logging as std_logging
@@ -19,6 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mim_jax import checkpoint_damage
+from mim_jax import layer_layout
 from mim_jax import tree_paths
 
 # Orbax saves a replicated array cooperatively: each replica writes a slice of it, cut by a
@@ -49,6 +54,14 @@ class NoIntactCheckpointError(ValueError):
 def param_signature(params: Any) -> dict[str, list[int]]:
   """{'encoder/blocks/block_0/attn/qkv/kernel': [192, 576], ...} for every parameter."""
   return {name: list(leaf.shape) for name, leaf in tree_paths.flatten(params).items()}
+
+
+def unrolled_signature(signature: dict[str, list[int]]) -> dict[str, list[int]]:
+  """A `param_signature` in the unrolled layer layout (mim_jax/layer_layout.py), so that the
+  layouts of a scanned and an unrolled run of one model compare equal."""
+  shapes = {name: jax.ShapeDtypeStruct(tuple(shape), "float32")
+            for name, shape in signature.items()}
+  return param_signature(layer_layout.unstack_blocks(tree_paths.unflatten(shapes)))
 
 
 def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str:
@@ -132,15 +145,26 @@ class Checkpointer:
     saved = self._manager.restore(step, args=ocp.args.Composite(
         signature=ocp.args.JsonRestore()))["signature"]
     current = param_signature(abstract_state.params)
-    if saved != current:
+    if unrolled_signature(saved) != unrolled_signature(current):
       raise CheckpointMismatchError(
           f"{self.directory} holds a checkpoint (step {step}) of a different model: "
           f"{describe_mismatch(saved, current)}. Use a new --workdir, or the config that "
           f"wrote it; the checkpoint was left untouched.")
+    target = abstract_state
+    if saved != current:  # Saved with model.scan_layers the other way: read in its layout.
+      saved_names = tree_paths.flatten(self._manager.item_metadata(step)["state"])
+      target = layer_layout.stack_blocks(abstract_state, saved_names)
+      logging.info("checkpoint step %d has the other layer layout (model.scan_layers): "
+                   "converting it", step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
-    return restored["state"]
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(iterator)))["state"]
+    if target is abstract_state:
+      return restored
+    names = tree_paths.flatten(abstract_state)
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+    return jax.jit(lambda state: layer_layout.stack_blocks(state, names),
+                   out_shardings=shardings)(restored)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

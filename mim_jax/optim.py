@@ -10,8 +10,10 @@ from typing import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
+from mim_jax import layer_layout
 from mim_jax import tree_paths
 
 # Parameters that never take weight decay: anything of rank <= 1 (biases, norm scales: every
@@ -39,7 +41,9 @@ def decay_mask(params, no_decay_tokens: Sequence[str] = ()) -> object:
   `no_decay_tokens` (of TOKENS) take none."""
   def decays(path, leaf) -> bool:
     name = tree_paths.name(path)
-    return (leaf.ndim > 1 and not _NO_DECAY.search(name)
+    # The rank of one layer's slice, for a scanned loop's stacked [depth, ...] leaves.
+    rank = leaf.ndim - layer_layout.is_stacked(name)
+    return (rank > 1 and not _NO_DECAY.search(name)
             and name.rsplit("/", 1)[-1] not in no_decay_tokens)
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -96,6 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # follows the encoder's blocks (its final norm, a head, a decoder) the full lr.
 _LAYER_0 = re.compile(r"^encoder/(.*/)?(patch_embed|cls|mask_token|pos_embedding)(/|$)")
 _BLOCK = re.compile(r"^encoder/(.*/)?block_(\d+)/")
+_STACKED = re.compile(rf"^encoder/(.*/)?{layer_layout.STACKED}/")
 
 
 def encoder_depth(names: list[str]) -> int:
@@ -116,17 +121,30 @@ def layer_id(name: str, depth: int) -> int:
 
 def layer_decay_scales(params, decay: float) -> object:
   """The lr multiplier of every parameter: decay ** (depth + 1 - layer_id), depth being the
-  encoder's (read from the parameter names)."""
-  depth = encoder_depth(list(tree_paths.flatten(params)))
-  return tree_paths.map_with_names(lambda name, _: decay ** (depth + 1 - layer_id(name, depth)),
-                                   params)
+  encoder's (read from the parameter names). The encoder's scanned blocks, stored stacked
+  (mim_jax/layer_layout.py), get one multiplier per layer: a [depth, 1, ...] array that broadcasts
+  over each layer's slice, the unrolled blocks' factors."""
+  flat = tree_paths.flatten(params)
+  stacked = {name: leaf.shape[0] for name, leaf in flat.items() if _STACKED.search(name)}
+  depth = max([encoder_depth(list(flat)), *stacked.values()])
+
+  def scale(name: str, leaf) -> float | np.ndarray:
+    if name in stacked:  # block i is layer i + 1
+      factors = [decay ** (depth + 1 - (i + 1)) for i in range(stacked[name])]
+      return np.asarray(factors).reshape((-1,) + (1,) * (leaf.ndim - 1))
+    return decay ** (depth + 1 - layer_id(name, depth))
+
+  return tree_paths.map_with_names(scale, params)
 
 
 def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   """Multiplies each parameter's update by its `layer_decay_scales` factor. Chained after AdamW
   it scales the whole step, weight decay included, as a per-layer learning rate does."""
+  def times(u, s):
+    # A Python float is weakly typed, and an array of factors is cast: u keeps its dtype.
+    return u * (s.astype(u.dtype) if isinstance(s, np.ndarray) else s)
+
   def scale(updates, params):
     del params
-    scales = layer_decay_scales(updates, decay)
-    return jax.tree.map(lambda u, s: u * s, updates, scales)  # s is a Python float: weakly typed
+    return jax.tree.map(times, updates, layer_decay_scales(updates, decay))
   return optax.stateless(scale)

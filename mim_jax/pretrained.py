@@ -8,9 +8,11 @@
     encoder-only release or the full one with the decoder, read without torch (mim_jax/pth.py);
   - an `.npz` written by `python -m mim_jax.tools.export` (flat '/'-joined names).
 
-Whatever the source, the result is checked name by name and shape by shape against the model the
-config builds, and a mismatch raises `checkpoint.CheckpointMismatchError` listing the missing,
-unexpected and mis-shaped names. Position embeddings are fitted to the config's patch grid:
+Whatever the source, and whichever layer layout it has (a workdir of a run with scanned layers
+holds them stacked: mim_jax/layer_layout.py), the result is in the layout of the model the config
+builds, checked name by name and shape by shape against it (in the unrolled layout's names), and
+a mismatch raises `checkpoint.CheckpointMismatchError` listing the missing, unexpected and
+mis-shaped names. Position embeddings are fitted to the config's patch grid:
 a learned table (`model.posemb='learned'`) is resampled bicubically when the checkpoint's grid
 differs (fine-tuning at another resolution), and fixed sin-cos ones are recomputed.
 """
@@ -29,6 +31,7 @@ from absl import logging
 from etils import epath
 
 from mim_jax import checkpoint
+from mim_jax import layer_layout
 from mim_jax import methods
 from mim_jax import models
 from mim_jax import pth
@@ -112,15 +115,18 @@ def _load(source: str, config: ml_collections.ConfigDict, *, encoder_only: bool
           ) -> dict[str, np.ndarray]:
   source = str(source)  # Also a pathlib.Path.
   check_source(source)
-  expected = expected_shapes(config, encoder_only=encoder_only)
+  # Sources are read, checked and named in the unrolled layer layout; the result is returned
+  # in the config's (scanned layers stacked: mim_jax/layer_layout.py).
+  layout = expected_shapes(config, encoder_only=encoder_only)
+  expected = _unrolled(layout)
   encoder = models.build_encoder(config)
   # The patch grid, for position tables (a speech encoder has none).
   grid = ((config.image_size // encoder.patch,) * 2) if _is_image(config) else None
   if epath.Path(source).is_dir():
-    flat, origin = _read_workdir(source), f"the workdir {source}"
+    flat, origin = _unrolled(_read_workdir(source)), f"the workdir {source}"
     flat = _fit_learned_posemb(flat, flat.pop(ENCODER_POSEMB, None), expected, grid)
   elif source.endswith(".npz"):
-    flat, origin = _read_npz(source), f"the export {source}"
+    flat, origin = _unrolled(_read_npz(source)), f"the export {source}"
     flat = _fit_learned_posemb(flat, flat.pop(ENCODER_POSEMB, None), expected, grid)
   else:  # .pth / .pt: check_source admits no other kind
     flat = _read_mae_pth(source, expected, grid, getattr(encoder, "posemb", "sincos"))
@@ -131,7 +137,13 @@ def _load(source: str, config: ml_collections.ConfigDict, *, encoder_only: bool
     flat = {k: v for k, v in flat.items()
             if k.startswith("encoder/") and (k in expected or k != "encoder/mask_token")}
   _check(flat, expected, origin, config, encoder_only)
-  return {k: np.asarray(v, dtype=expected[k].dtype) for k, v in flat.items()}
+  flat = tree_paths.unflatten({k: np.asarray(v, dtype=expected[k].dtype) for k, v in flat.items()})
+  return tree_paths.flatten(layer_layout.stack_blocks(flat, layout))
+
+
+def _unrolled(flat: dict[str, Any]) -> dict[str, Any]:
+  """Flat parameters (or shapes) in the unrolled layer layout."""
+  return tree_paths.flatten(layer_layout.unstack_blocks(tree_paths.unflatten(flat)))
 
 
 def _check(flat: dict[str, np.ndarray], expected: dict[str, Any], origin: str,

@@ -2,7 +2,8 @@
 
 One mesh axis, 'data', over every device of every process. Batches are split over it. Parameters
 are replicated (data parallel) unless FSDP is on: then each parameter that matches an FSDP rule
-and is large enough is split along its largest dimension divisible by the number of devices;
+and is large enough is split along its largest dimension divisible by the number of devices
+(of one layer, for the stacked [depth, ...] parameters of scanned layers);
 one that is large enough but has no such dimension is refused (`checked_fsdp_spec`).
 Rules are regexes on the '/'-joined parameter path, first match wins, so a fork can pin a
 specific tensor without touching the trainer.
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mim_jax import layer_layout
 from mim_jax import tree_paths
 
 AXIS = "data"
@@ -70,6 +72,17 @@ def checked_fsdp_spec(name: str, shape: tuple[int, ...], num_devices: int, min_s
   return spec
 
 
+def _fsdp_spec_of(name: str, shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
+  """`checked_fsdp_spec`; a scanned loop's stacked leaf [depth, ...] (mim_jax/layer_layout.py) is
+  split as one layer's slice is, its [depth] axis unsharded: the scan slices one layer out of
+  it per step, and from an array split over the layers the partitioner may gather the whole
+  stack first, every layer on every device. Scan on or off, a layer's weights are then sharded
+  alike, and the size threshold is per layer."""
+  if not layer_layout.is_stacked(name):
+    return checked_fsdp_spec(name, shape, num_devices, min_size)
+  return P(None, *checked_fsdp_spec(name, shape[1:], num_devices, min_size))
+
+
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict) -> Any:
   """NamedShardings for every leaf of a (shape-only) train state, from the rules above."""
@@ -81,8 +94,8 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
     for pattern, rule in FSDP_RULES:
       if re.fullmatch(pattern, name):
         if rule == "fsdp":
-          return NamedSharding(mesh, checked_fsdp_spec(name, leaf.shape, n,
-                                                       config.sharding.fsdp_min_size))
+          return NamedSharding(mesh, _fsdp_spec_of(name, leaf.shape, n,
+                                                   config.sharding.fsdp_min_size))
         return replicated(mesh)
     return replicated(mesh)
 

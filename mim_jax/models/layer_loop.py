@@ -2,23 +2,22 @@
 (config.model.scan_layers), and the rematerialisation policies a layer runs under, by name
 (config.model.remat).
 
-The parameters stay stored per layer, 'block_0' .. 'block_{depth-1}', the unrolled loop's
-layout, whether or not the layers are scanned: the scan stacks them into [depth, ...] arrays
-when it is applied, and its gradient splits back into the same per-layer entries. So
-checkpoints, init_from, the import of released weights, the exports, the sharding rules and
-layer-wise lr decay, which all name 'block_i', never see a layout that depends on scanning, and
-a run may switch it between restarts. Init always runs the unrolled loop, so a seed gives the
-same parameters either way.
+Unrolled, layer i's parameters are the loop owner's 'block_i'. Scanned, they are stored
+stacked, the owner's STACKED entry with a leading [depth] axis (mim_jax/layer_layout.py, which
+converts between the two layouts for checkpoints, pretrained sources and exports), and the scan
+consumes them as they are: the step neither stacks the parameters nor splits their gradient.
+Init draws each layer's parameters as the unrolled loop does, so a seed gives the same
+parameters either way.
 
-Scanning traces one layer instead of `depth`, but whether it compiles faster depends on the
-backend, and it costs memory. Measured on MAE ViT-L/16's train step (224 px, batch 8, one CPU
-device, XLA's default level, CPU seconds of two runs): unrolled, lowering 3.7-4.2 s, compiling
-16-17 s, 2.06 GiB of temporaries; scanned, 1.8-2.0 s, 30-36 s and 4.61 GiB. XLA's CPU compiler
-already compiles the unrolled layers' identical kernels once, and the split of the stacked
-gradient into per-layer entries adds kernels of its own; the stacked copy of the parameters and
-the gradient, held whole until the optimizer runs, cost 2.5 GiB. (Parameters stored stacked,
-which needs a layout conversion wherever they are saved, loaded or decayed by layer, measured
-12.3 s and 3.39 GiB.) Measure on the target with mim_jax/tools/dryrun.py before turning it on.
+Scanning traces and compiles one layer instead of `depth`. Measured on MAE ViT-L/16's train
+step (224 px, batch 8, one CPU device, XLA's default level, mim_jax/tools/dryrun.py's plan; CPU
+seconds, two runs unrolled and three scanned): unrolled, lowering 3.6-4.1 s, compiling
+16.0-17.3 s, 2.06 GiB of temporaries; scanned, 1.0-1.4 s, 9.6-10.1 s and 3.39 GiB. (When the
+scan stacked parameters stored per layer in every step, it compiled in 30-36 s and needed
+4.61 GiB.) The extra 1.3 GiB is about the size of the parameters, as if the scan's gradient,
+one [depth, ...] array per weight, were held whole until the optimizer runs; with FSDP on 8
+devices, where gradients are sharded, the extra is 0.04-0.6 GiB (README, "Scale out"). Measure
+on the target with mim_jax/tools/dryrun.py before turning it on.
 """
 
 from typing import Any
@@ -26,7 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import Scope
+from flax.core.scope import LazyRng
 
+from mim_jax.layer_layout import STACKED
 from mim_jax.registry import Registry
 
 # What a rematerialised layer keeps for its backward pass (jax.checkpoint_policies); the rest is
@@ -69,7 +71,8 @@ def run(parent: nn.Module, cls: type[nn.Module], fields: dict[str, Any], depth: 
         x: jax.Array, *args: Any, scan: bool = False, remat_policy: bool | str = False,
         drop_path: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs `depth` layers cls(**fields) on x, each called as layer(x, *args), from inside
-  `parent`'s compact __call__; their parameters are parent's 'block_0' .. 'block_{depth-1}'.
+  `parent`'s compact __call__. Unrolled, their parameters are parent's 'block_0' ..
+  'block_{depth-1}'; scanned, parent's STACKED, the same parameters stacked.
 
   Returns the last output and {'block_i': layer i's output}. Scanned, those are slices of the
   scan's stacked outputs; under jit, the ones nobody reads are removed with their stacking.
@@ -79,7 +82,7 @@ def run(parent: nn.Module, cls: type[nn.Module], fields: dict[str, Any], depth: 
   """
   rates = drop_path_rates(drop_path, depth) if drop_path > 0 else None
   names = [f"block_{i}" for i in range(depth)]
-  if not scan or not depth or parent.is_initializing():  # init: the same params either way
+  if not scan or not depth:
     layer_cls = remat(cls, remat_policy)
     aux = {}
     for i, name in enumerate(names):
@@ -87,9 +90,15 @@ def run(parent: nn.Module, cls: type[nn.Module], fields: dict[str, Any], depth: 
       x = layer_cls(**fields, **extra, name=name)(x, *args)
       aux[name] = x
     return x, aux
+  if parent.is_initializing():
+    return _init_stacked(parent, cls, fields, names, rates, x, *args)
 
   params = parent.variables["params"]
-  xs = {"params": jax.tree.map(lambda *p: jnp.stack(p), *(params[n] for n in names))}
+  if STACKED not in params:
+    raise ValueError(f"{'/'.join(parent.scope.path)}: scanned layers (model.scan_layers=True) "
+                     f"take their parameters stacked as {STACKED!r}, got {sorted(params)}; "
+                     f"convert a tree with mim_jax.layer_layout.stack_blocks")
+  xs = {"params": params[STACKED]}
   if rates:
     xs["rate"] = jnp.asarray(rates, jnp.float32)
     xs["rng"] = jax.random.split(parent.make_rng("dropout"), depth)
@@ -106,3 +115,23 @@ def run(parent: nn.Module, cls: type[nn.Module], fields: dict[str, Any], depth: 
     step = jax.checkpoint(step, policy=REMAT_POLICIES[policy], prevent_cse=False)
   x, ys = jax.lax.scan(step, x, xs)
   return x, {name: ys[i] for i, name in enumerate(names)}
+
+
+def _init_stacked(parent: nn.Module, cls: type[nn.Module], fields: dict[str, Any],
+                  names: list[str], rates: list[float] | None, x: jax.Array, *args: Any
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Init of the scanned loop: each layer is initialised in a scope of its own that draws the
+  rngs parent's child `names[i]` would (flax's core Scope folds a child's name into its
+  parent's rngs, lazily: LazyRng), so the stacked parameters are the unrolled loop's, bit for
+  bit, and a seed gives the same model either way (tests/test_scan.py holds it to that, should
+  flax change how it derives them); they are then stored stacked as parent's STACKED."""
+  layer_params, aux = [], {}
+  for i, name in enumerate(names):
+    rngs = {kind: LazyRng.create(rng, name) for kind, rng in parent.scope.rngs.items()}
+    scope = Scope({}, rngs=rngs, mutable=True)
+    extra = {"drop_path": rates[i]} if rates else {}
+    x = aux[name] = cls(**fields, **extra, parent=scope)(x, *args)
+    layer_params.append(scope.variables()["params"])
+  parent.put_variable("params", STACKED, jax.tree.map(lambda *p: jnp.stack(p), *layer_params))
+  return x, aux
+

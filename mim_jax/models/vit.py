@@ -71,8 +71,8 @@ class ViT(nn.Module):
       global average pooling normalises the pooled feature instead (its fc_norm). Then 'cls' and
       'gap' in aux are read from the un-normed last block.
   Memory and compile time (layers.Stack): `remat` names a layer_loop.REMAT_POLICIES policy
-  (True / False: 'full' / 'none'); scan_layers=True runs the blocks as one scan, with the same
-  parameters.
+  (True / False: 'full' / 'none'); scan_layers=True runs the blocks as one scan, their
+  parameters stored stacked (the same values; mim_jax/layer_layout.py converts layouts).
   """
   width: int
   depth: int

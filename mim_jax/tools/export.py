@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from mim_jax import errors
 from mim_jax import hf_export
+from mim_jax import layer_layout
 from mim_jax import models
 from mim_jax import pretrained
 from mim_jax import tree_paths
@@ -62,6 +63,7 @@ def export(source: str, config, out: str, what: str = "encoder",
     tree = {"encoder": pretrained.load_encoder_params(source, config)}
   else:
     tree = pretrained.load_params(source, config)
+  tree = layer_layout.unstack_blocks(tree)  # Scanned layers are written one entry per layer.
   encoder = models.build_encoder(config)
   side = config.image_size // encoder.patch
   posemb = getattr(encoder, "posemb", "sincos")

@@ -17,9 +17,11 @@ peak_flops_per_sec (flops.matmul_peak on the same backend and compute dtype, tim
 count), mfu, xla_flops_per_image (compiled.cost_analysis(), a cross-check: XLA counts per
 device, scaled here by the device count), page_faults_per_step (host minor faults, which
 the Makefile's GLIBC_TUNABLES remove on CPU), and for a config with an image mask
-(`config.mask`), mask_ms and mask_share: the configured generator drawing the batch's masks
-alone, jitted and timed the same way, and its share of step_ms (an upper bound on what the
-masks cost inside the step, where XLA may overlap them with other work).
+(`config.mask`), mask_ms and mask_share: making the batch's masks alone, jitted and timed the
+same way, and its share of step_ms (an upper bound on what the masks cost inside the step,
+where XLA may overlap them with other work). That is the configured generator's draw, and for a
+mask the model scores (masking.SCORED) the method's own draw_mask on the batch: HPM's loss
+predictor over the whole image, or the teacher's forward, then the argsort.
 
 `--profile=DIR` then runs a few more steps under `jax.profiler.trace(DIR)` (TensorBoard's
 profile plugin or xprof reads it) and writes the compiled step's HLO text next to it:
@@ -42,6 +44,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -95,20 +98,28 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def mask_ms(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> float | None:
-  """Milliseconds to draw one batch's masks with the configured generator (a fresh key each
-  time, as every step has), or None for a config without an image mask."""
+def mask_ms(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model: nn.Module,
+            params: Any, batch: dict[str, jax.Array]) -> float | None:
+  """Milliseconds to make one batch's masks (a fresh key each time, as every step has), or None
+  for a config without an image mask: the configured generator's draw, or for a model-scored
+  mask (masking.SCORED) `model.draw_mask` on the batch's images with `params`, which runs the
+  scoring pass too."""
   if "mask" not in config or "ratio" not in config.mask or "image_size" not in config:
     return None
-  spec = masking.MaskSpec.from_config(config.mask)
-  side = config.image_size // models.build_encoder(config).patch
-  draw = jax.jit(lambda rng: masking.draw(rng, config.batch_size, (side, side), spec).mask,
-                 out_shardings=sharding.batch_sharding(mesh))
+  if config.mask.name in masking.SCORED:
+    scored = lambda p, rng: model.apply({"params": p}, batch["image"], method="draw_mask",
+                                        rngs={"mask": rng}).mask
+    draw = jax.jit(scored, out_shardings=sharding.batch_sharding(mesh))
+  else:
+    spec = masking.MaskSpec.from_config(config.mask)
+    side = config.image_size // models.build_encoder(config).patch
+    draw = jax.jit(lambda _, rng: masking.draw(rng, config.batch_size, (side, side), spec).mask,
+                   out_shardings=sharding.batch_sharding(mesh))
   keys = [jax.random.key(i) for i in range(_WARMUP.value + _STEPS.value)]
   for key in keys[:_WARMUP.value]:
-    draw(key).block_until_ready()
+    draw(params, key).block_until_ready()
   start = time.perf_counter()
-  out = [draw(key) for key in keys[_WARMUP.value:]]
+  out = [draw(params, key) for key in keys[_WARMUP.value:]]
   jax.block_until_ready(out)
   return 1e3 * (time.perf_counter() - start) / _STEPS.value
 
@@ -175,7 +186,7 @@ def step_bench(config: ml_collections.ConfigDict) -> dict[str, float]:
   achieved = images_per_sec * flops_per_image
   audio = ({"utterance_seconds_per_sec": round(images_per_sec * config.data.clip_seconds, 2)}
            if config.data.get("modality", "image") == "audio" else {})
-  masks = mask_ms(config, mesh)
+  masks = mask_ms(config, mesh, model, state.params, batch)
   masks = ({} if masks is None else
            {"mask_ms": round(masks, 3), "mask_share": round(masks / (1e3 * step_s), 4)})
   return {

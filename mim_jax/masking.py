@@ -184,6 +184,35 @@ def block_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: fl
 # SimMIM's coarse random masking (Xie et al. 2022: random masking with a large masked patch).
 # ---------------------------------------------------------------------------------------------
 
+def cell_grid(grid: tuple[int, int], cell: int, knob: str) -> tuple[int, int]:
+  """The grid of square cells of `cell` x `cell` patches tiling the patch `grid`. Raises
+  ValueError, naming the config `knob`, when they do not tile it with more than one cell."""
+  height, width = grid
+  tiles = lambda c: c >= 1 and not height % c and not width % c and (height // c) * (width // c) > 1
+  if not tiles(cell):
+    valid = [c for c in range(1, min(height, width) + 1) if tiles(c)]
+    raise ValueError(f"{knob} {cell} (in patches) must tile the {height}x{width} patch grid "
+                     f"with more than one cell; valid: {valid}")
+  return height // cell, width // cell
+
+
+def keep_lowest_cells(scores: jax.Array, grid: tuple[int, int], cell: int,
+                      keep_cells: int) -> Mask:
+  """Keeps the patches of the `keep_cells` lowest-scoring cells of each row of `scores`
+  [B, cells] (cells of `cell` x `cell` patches, row-major over the patch `grid`). Each cell gets
+  a distinct rank (the argsort of its scores, so ties between cells cannot split one); every
+  patch takes its cell's rank and `keep_lowest` keeps the patches of the lowest-ranked cells.
+  The stable argsort keeps a cell's patches together, so exactly keep_cells * cell^2 patches
+  are visible, whole cells only. With cell 1 this is `keep_lowest` itself."""
+  if cell == 1:
+    return keep_lowest(scores, keep_cells)
+  batch = scores.shape[0]
+  ch, cw = grid[0] // cell, grid[1] // cell
+  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1).reshape(batch, ch, 1, cw, 1)
+  rank = jnp.broadcast_to(rank, (batch, ch, cell, cw, cell)).reshape(batch, grid[0] * grid[1])
+  return keep_lowest(rank.astype(jnp.float32), keep_cells * cell * cell)
+
+
 def coarse_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
                 cell: int) -> Mask:
   """Uniform random masking of square cells of `cell` x `cell` patches, the mask repeated up to
@@ -192,24 +221,12 @@ def coarse_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: f
 
   As in SimMIM's generator, ceil(cells * mask_ratio) of the cells are masked, computed here as
   cells - num_visible(cells, mask_ratio), which is the same number without float artefacts
-  (ceil(10 * 0.6) is 7 in floating point). Each cell gets a distinct random rank (the argsort
-  of uniform noise, so ties between cells cannot split one); every patch takes its cell's rank
-  and `keep_lowest` keeps the patches of the lowest-ranked cells. The stable argsort keeps a
-  cell's patches together, so exactly cells_kept * cell^2 patches are visible, whole cells only.
+  (ceil(10 * 0.6) is 7 in floating point). The cells' scores are uniform noise
+  (`keep_lowest_cells`).
   """
-  height, width = grid
-  tiles = lambda c: c >= 1 and not height % c and not width % c and (height // c) * (width // c) > 1
-  if not tiles(cell):
-    valid = [c for c in range(1, min(height, width) + 1) if tiles(c)]
-    raise ValueError(f"mask.coarse.cell {cell} (in patches) must tile the {height}x{width} "
-                     f"patch grid with more than one cell; valid: {valid}")
-  ch, cw = height // cell, width // cell
-  cells = ch * cw
-  keep_cells = num_visible(cells, mask_ratio)
-  noise = jax.random.uniform(rng, (batch, cells))
-  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1).reshape(batch, ch, 1, cw, 1)
-  rank = jnp.broadcast_to(rank, (batch, ch, cell, cw, cell)).reshape(batch, height * width)
-  return keep_lowest(rank.astype(jnp.float32), keep_cells * cell * cell)
+  ch, cw = cell_grid(grid, cell, "mask.coarse.cell")
+  noise = jax.random.uniform(rng, (batch, ch * cw))
+  return keep_lowest_cells(noise, grid, cell, num_visible(ch * cw, mask_ratio))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +249,12 @@ def color_noise_mask(color: str) -> Callable[..., Mask]:
 
 # ---------------------------------------------------------------------------------------------
 # HPM's hard-patch mask (Wang et al. 2023, "Hard Patches Mining for Masked Image Modeling"): the
-# scores come from a loss predictor, which mim_jax/methods/hpm.py adds to MAE and CRATE-MAE.
+# scores come from a loss predictor, which mim_jax/methods/hpm.py adds to MAE, CRATE-MAE and
+# SimMIM.
 # ---------------------------------------------------------------------------------------------
 
 def hard_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
-                    predicted_loss: jax.Array | None = None,
+                    cell: int = 1, predicted_loss: jax.Array | None = None,
                     hard_share: float | jax.Array = 0.0) -> Mask:
   """HPM's easy-to-hard mask: of each row's masked patches, floor(hard_share x their count) are
   the patches with the highest `predicted_loss` [B, N] and the rest are uniformly random among
@@ -244,28 +262,37 @@ def hard_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_rati
   `hard_share` may be traced (it ramps with the training step): the number of hard patches
   varies, the number kept is static.
 
+  `cell` > 1 masks square cells of `cell` x `cell` patches, as SimMIM's coarse mask does: a
+  cell's predicted loss is the mean of its patches', the hard share counts masked cells, and
+  ceil(cells x ratio) whole cells are masked (coarse_mask's count). HPM masks single patches;
+  SimMIM's ablation (its table 1) finds large masked squares matter for a model that sees the
+  mask tokens, so SimMIM's configs give hard_patch their coarse cell.
+
   Without `predicted_loss` (drawn by name through `draw`: the mask gallery, shape checks) every
-  patch is predicted equally hard and the mask is MAE's uniform one, as HPM's is at share 0;
-  `validate` refuses to train a method that cannot feed it (SCORED).
+  patch is predicted equally hard and the mask is the uniform one (MAE's at cell 1), as HPM's
+  is at share 0; `validate` refuses to train a method that cannot feed it (SCORED).
   """
-  num_patches = grid[0] * grid[1]
-  num_keep = num_visible(num_patches, mask_ratio)
-  noise = jax.random.uniform(rng, (batch, num_patches))
+  ch, cw = cell_grid(grid, cell, "mask.hard_patch.cell")
+  num_cells = ch * cw
+  keep_cells = num_visible(num_cells, mask_ratio)
+  noise = jax.random.uniform(rng, (batch, num_cells))
   if predicted_loss is None:
-    return keep_lowest(noise, num_keep)
-  if predicted_loss.shape != (batch, num_patches):
+    return keep_lowest_cells(noise, grid, cell, keep_cells)
+  if predicted_loss.shape != (batch, grid[0] * grid[1]):
     raise ValueError(f"predicted_loss of shape {predicted_loss.shape} does not score the "
                      f"{grid[0]}x{grid[1]} patches of {batch} images")
-  num_hard = jnp.floor((num_patches - num_keep) * jnp.asarray(hard_share, jnp.float32))
-  hardness_rank = jnp.argsort(jnp.argsort(-predicted_loss.astype(jnp.float32), axis=1), axis=1)
-  # Noise lies in [0, 1): a hard patch (2 + noise) outscores every other one, so it is masked.
-  return keep_lowest(noise + 2.0 * (hardness_rank < num_hard), num_keep)
+  cell_loss = predicted_loss.astype(jnp.float32).reshape(batch, ch, cell, cw, cell).mean((2, 4))
+  num_hard = jnp.floor((num_cells - keep_cells) * jnp.asarray(hard_share, jnp.float32))
+  hardness_rank = jnp.argsort(jnp.argsort(-cell_loss.reshape(batch, num_cells), axis=1), axis=1)
+  # Noise lies in [0, 1): a hard cell (2 + noise) outscores every other one, so it is masked.
+  return keep_lowest_cells(noise + 2.0 * (hardness_rank < num_hard), grid, cell, keep_cells)
 
 
 # ---------------------------------------------------------------------------------------------
 # MaskAlign's attention-guided mask (Xue et al. 2023, "Stare at What You See: Masked Image
 # Modeling without Reconstruction"): the scores come from a frozen teacher's attention, which
-# mim_jax/methods/maskalign.py computes.
+# mim_jax/methods/teacher_attention.py computes (MaskAlign's teacher, or MAE's, CRATE-MAE's and
+# SimMIM's mask.teacher).
 # ---------------------------------------------------------------------------------------------
 
 def attention_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float, *,
@@ -344,8 +371,10 @@ def num_kept(mask_config: ml_collections.ConfigDict, grid: tuple[int, int]) -> i
 # Generators whose scores come from the model, not from the rng: the method that owns the model
 # passes them in (`supplies` in `validate`). What each needs, for the error message.
 SCORED = {
-    "hard_patch": "HPM's loss predictor (method mae or crate_mae with method.hpm.enabled=True)",
-    "attention": "a teacher's attention (method maskalign)",
+    "hard_patch": "HPM's loss predictor (method mae, crate_mae or simmim with "
+                  "method.hpm.enabled=True)",
+    "attention": "a teacher's attention (method mae, crate_mae or simmim with mask.teacher set "
+                 "to a workdir, an MAE .pth or an .npz; or method maskalign)",
 }
 
 

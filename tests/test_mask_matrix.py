@@ -45,7 +45,8 @@ CONFIGS = {
                                                 "batch_size=8"),
 }
 # The generators any method can draw by config alone; the model-scored ones (masking.SCORED)
-# are tested with the methods that feed them (tests/test_hpm.py, tests/test_maskalign.py).
+# are tested with the methods that feed them (tests/test_hpm.py, tests/test_maskalign.py,
+# tests/test_mask_teachers.py).
 MASKS = [name for name in masking.GENERATORS.names() if name not in masking.SCORED]
 
 

@@ -15,8 +15,8 @@ A method file defines four functions:
       real (unpadded) entries of input `<x>`;
   train_flops_per_example(config) -> int, the analytic training FLOPs of one example;
   validate(config) -> None, raising ValueError on a config the method cannot run.
-A method that distils from a frozen encoder loaded from outside (MaskAlign's teacher) also
-defines
+A method that reads a frozen encoder loaded from outside (MaskAlign's teacher; the attention
+mask's teacher of MAE, CRATE-MAE and SimMIM, methods/teacher_attention.py) also defines
   frozen_encoders(config) -> {subtree: (source, encoder_config, label)}: the top-level parameter
       subtree ('frozen_<name>', which optim.skip_frozen never updates) that the trainer fills,
       before anything compiles, with the encoder that `encoder_config` builds, read from

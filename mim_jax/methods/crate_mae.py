@@ -6,6 +6,7 @@ This is MAE's method (methods/mae.py: masking, pixel targets, masked MSE, recons
 CRATE parts. As in the reference code, the encoder sees every patch, the masked ones replaced
 by a learned mask token (`method.encoder_mask_tokens = True`); `False` encodes only the visible
 patches and lets the decoder insert the mask tokens, which is cheaper but not in the paper.
+HPM (`method.hpm`) and the attention mask's ViT teacher (`mask.teacher`) come with MAE's module.
 """
 
 import ml_collections
@@ -15,6 +16,7 @@ from mim_jax import masking
 from mim_jax import models
 from mim_jax.methods import hpm
 from mim_jax.methods import mae
+from mim_jax.methods import teacher_attention
 from mim_jax.models import crate
 
 
@@ -22,8 +24,9 @@ inputs = mae.inputs  # Images only.
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  masking.validate(config.mask, models.patch_grid(config, method="CRATE-MAE",
-                                                  supported=("crate",)), hpm.supplies(config))
+  grid = models.patch_grid(config, method="CRATE-MAE", supported=("crate",))
+  masking.validate(config.mask, grid,
+                   hpm.supplies(config) + teacher_attention.validate_mask_teacher(config))
   if config.method.decoder_depth < 1:
     raise ValueError(f"method.decoder_depth must be at least 1, got "
                      f"{config.method.decoder_depth}")
@@ -43,7 +46,9 @@ def build(config: ml_collections.ConfigDict) -> mae.MAE:
       encoder.param_dtype, encoder.attention_impl, encoder.scan_layers)
   return mae.MAE(encoder=encoder, decoder=decoder, image_size=config.image_size,
                  channels=config.data.channels,
-                 mask_spec=masking.MaskSpec.from_config(config.mask), norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens,
+                 mask_spec=masking.MaskSpec.from_config(config.mask),
+                 norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens,
+                 frozen_teacher=teacher_attention.mask_teacher(config),
                  **mae.hpm_fields(config, decoder))
 
 
@@ -51,7 +56,7 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Analytic training FLOPs of one image: patch embedding, the encoder on the cls token and
   every patch (the visible ones only without encoder_mask_tokens), the decoder on every
   position and the pixel prediction, times 3 for training; plus what HPM adds
-  (hpm.train_flops)."""
+  (hpm.train_flops) and the mask teacher's forward (teacher_attention.mask_flops)."""
   size, patch = crate.parse_variant(config.model.variant)
   m = config.method
   side = config.image_size // patch
@@ -63,4 +68,8 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
              + flops.dense(n + 1, size.width, patch_dim))
   forward = embed + flops.crate_encoder(encoded, size.width, size.depth) + decoder
   full_image = embed + flops.crate_encoder(n + 1, size.width, size.depth) + decoder
-  return flops.TRAIN_MULTIPLIER * forward + hpm.train_flops(config, decoder, full_image)
+  return (flops.TRAIN_MULTIPLIER * forward + hpm.train_flops(config, decoder, full_image)
+          + teacher_attention.mask_flops(config))
+
+
+frozen_encoders = teacher_attention.frozen_encoders  # The attention mask's teacher, if any.

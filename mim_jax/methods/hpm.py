@@ -1,12 +1,15 @@
 """HPM, hard-patch mining (Wang et al. 2023, "Hard Patches Mining for Masked Image Modeling",
-CVPR; official code github.com/Haochen-Wang409/HPM): what MAE (methods/mae.py) adds, on a ViT
-or a CRATE (CRATE-MAE), when `config.method.hpm.enabled`.
+CVPR; official code github.com/Haochen-Wang409/HPM): what MAE (methods/mae.py, on a ViT or a
+CRATE: CRATE-MAE) and SimMIM (methods/simmim.py) add when `config.method.hpm.enabled`.
 
 - A loss predictor: a twin of the method's decoder whose p*p*C outputs per patch are averaged to
   one predicted loss (models_mae_learn_loss.py: decoder_blocks_losspred, decoder_norm_losspred
   and decoder_pred_losspred as deep and wide as the reconstructor, then .mean(-1)). The official
   predictor shares the reconstructor's input embedding and mask token; this twin has its own
   (one encoder-to-decoder matrix and one token more), so that any decoder can be twinned.
+  SimMIM has no decoder: its predictor is a twin of its linear prediction head on the encoder's
+  output, whose pixel outputs are averaged over each patch: a twin of what reconstructs, as
+  HPM's is of MAE's decoder.
 - It reads the student's latent, like the reconstructor, and learns on the masked patches the
   order of their stop-gradient reconstruction losses (`ranking_loss`), added to the
   reconstruction loss with weight 1 (engine_pretrain.py: `loss += loss_learn`).
@@ -14,7 +17,8 @@ or a CRATE (CRATE-MAE), when `config.method.hpm.enabled`.
   predictor's losses for every patch of the unmasked image pick the hardest patches for a share
   of the masked ones that ramps linearly from 0 to 0.5 over training (`hard_share`); the rest are
   random. With another mask the predictor is trained and the masks are the configured ones: HPM's
-  ablation of the loss-prediction objective alone.
+  ablation of the loss-prediction objective alone. SimMIM's per-patch loss is its L1 (MAE's the
+  squared error), and its hard patches come in its mask cells (`mask.hard_patch.cell`).
 
 The official code predicts the losses for the mask with an EMA teacher (decay 0.999 rising to
 0.9999 over the first 100 epochs; engine_pretrain.py) fed the whole image. Here the current
@@ -102,17 +106,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def supplies(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The model-scored masks (masking.SCORED) an MAE or CRATE-MAE with this config feeds."""
+  """The model-scored masks (masking.SCORED) the loss predictor of an MAE, CRATE-MAE or SimMIM
+  with this config feeds."""
   return (HARD_PATCH,) if config.method.hpm.enabled else ()
 
 
-def train_flops(config: ml_collections.ConfigDict, decoder_forward: int,
+def train_flops(config: ml_collections.ConfigDict, predictor_forward: int,
                 full_image_forward: int) -> int:
-  """Training FLOPs HPM adds to one example: the predictor, a twin of the decoder
-  (`decoder_forward` FLOPs on the student's latent), trained; with the hard-patch mask, a
+  """Training FLOPs HPM adds to one example: the predictor, a twin of the decoder or head
+  (`predictor_forward` FLOPs on the student's latent), trained; with the hard-patch mask, a
   forward pass without gradients of the encoder and predictor on the whole image
   (`full_image_forward`)."""
   if not config.method.hpm.enabled:
     return 0
   mask_pass = full_image_forward if config.mask.name == HARD_PATCH else 0
-  return flops.TRAIN_MULTIPLIER * decoder_forward + mask_pass
+  return flops.TRAIN_MULTIPLIER * predictor_forward + mask_pass

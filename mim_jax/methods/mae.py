@@ -9,8 +9,9 @@ mask token (SimMIM style, MAE table 1c "w/ [M]"), and the decoder takes all its 
 there to measure what dropping tokens saves, and it is CRATE-MAE's pipeline
 (methods/crate_mae.py builds this module with a CRATE encoder and decoder).
 
-`config.method.hpm` adds HPM's loss predictor and hard-patch masks (methods/hpm.py); off, the
-module and its parameters are MAE's.
+`config.method.hpm` adds HPM's loss predictor and hard-patch masks (methods/hpm.py);
+`config.mask.teacher` with `mask.name='attention'` adds a frozen ViT teacher whose cls attention
+guides the mask (methods/teacher_attention.py). Off, the module and its parameters are MAE's.
 """
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from mim_jax import flops
 from mim_jax import masking
 from mim_jax import models
 from mim_jax.methods import hpm
+from mim_jax.methods import teacher_attention
 from mim_jax.models import layers
 from mim_jax.models import vit
 from mim_jax.models.mae_decoder import MAEDecoder
@@ -57,7 +59,8 @@ class MAE(nn.Module):
   """A masked autoencoder: an encoder (ViT, CRATE: anything taking `ids_keep` / `token_mask`
   and exposing `.patch`) and a decoder mapping its output, plus `ids_restore` when the encoder
   saw only the visible patches, to per-patch pixels. Randomness comes from the 'mask' stream.
-  With `hpm_spec`, `loss_predictor` (a twin of the decoder) predicts each patch's loss."""
+  With `hpm_spec`, `loss_predictor` (a twin of the decoder) predicts each patch's loss; with
+  `frozen_teacher` (a ViT), its cls attention scores the attention mask."""
   encoder: nn.Module
   decoder: nn.Module
   image_size: int
@@ -67,6 +70,7 @@ class MAE(nn.Module):
   encoder_mask_tokens: bool = False
   loss_predictor: nn.Module | None = None
   hpm_spec: hpm.HPMSpec | None = None
+  frozen_teacher: nn.Module | None = None
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -75,8 +79,12 @@ class MAE(nn.Module):
 
   def draw_mask(self, images: jax.Array, step: jax.Array | None = None) -> masking.Mask:
     """The configured mask; HPM's hard-patch mask reads the loss predictor on the whole image
-    (every patch visible, as the official teacher sees it) at the ramp's `step`."""
+    (every patch visible, as the official teacher sees it) at the ramp's `step`; the attention
+    mask reads the frozen teacher on the whole image."""
     rng = self.make_rng("mask")
+    if self.frozen_teacher is not None:
+      _, attention = teacher_attention.forward(self.frozen_teacher, images)
+      return teacher_attention.draw(rng, attention, self.grid, self.mask_spec)
     if self.hpm_spec is None or self.mask_spec.name != hpm.HARD_PATCH:
       return masking.draw(rng, images.shape[0], self.grid, self.mask_spec)
     latent, _ = self.encoder(images)
@@ -157,7 +165,8 @@ def inputs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]
 
 def validate(config: ml_collections.ConfigDict) -> None:
   grid = models.patch_grid(config, method="MAE (it drops masked tokens)", supported=("vit",))
-  masking.validate(config.mask, grid, hpm.supplies(config))
+  masking.validate(config.mask, grid,
+                   hpm.supplies(config) + teacher_attention.validate_mask_teacher(config))
   if config.method.decoder_width % config.method.decoder_heads:
     raise ValueError(f"decoder_width {config.method.decoder_width} is not divisible by "
                      f"decoder_heads {config.method.decoder_heads}")
@@ -175,7 +184,7 @@ def build(config: ml_collections.ConfigDict) -> MAE:
   return MAE(encoder=encoder, decoder=decoder, image_size=config.image_size,
              channels=config.data.channels, mask_spec=masking.MaskSpec.from_config(config.mask),
              norm_pix_loss=m.norm_pix_loss, encoder_mask_tokens=m.encoder_mask_tokens,
-             **hpm_fields(config, decoder))
+             frozen_teacher=teacher_attention.mask_teacher(config), **hpm_fields(config, decoder))
 
 
 def hpm_fields(config: ml_collections.ConfigDict, decoder: nn.Module) -> dict[str, object]:
@@ -188,7 +197,8 @@ def hpm_fields(config: ml_collections.ConfigDict, decoder: nn.Module) -> dict[st
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Analytic training FLOPs of one image: patch embedding of all patches, the encoder on the
   cls token plus the visible patches (every patch with encoder_mask_tokens), the decoder on
-  every position, times 3 for training; plus what HPM adds (hpm.train_flops)."""
+  every position, times 3 for training; plus what HPM adds (hpm.train_flops) and the mask
+  teacher's forward (teacher_attention.mask_flops)."""
   size, patch = vit.parse_variant(config.model.variant)
   m = config.method
   side = config.image_size // patch
@@ -202,4 +212,8 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
       + flops.transformer(n + 1, m.decoder_width, m.decoder_depth, 4 * m.decoder_width)
       + flops.dense(n + 1, m.decoder_width, patch_dim))
   return (flops.TRAIN_MULTIPLIER * (embed + encoder(visible) + decoder(visible))
-          + hpm.train_flops(config, decoder(visible), embed + encoder(n + 1) + decoder(n + 1)))
+          + hpm.train_flops(config, decoder(visible), embed + encoder(n + 1) + decoder(n + 1))
+          + teacher_attention.mask_flops(config))
+
+
+frozen_encoders = teacher_attention.frozen_encoders  # The attention mask's teacher, if any.

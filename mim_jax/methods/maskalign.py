@@ -15,7 +15,8 @@ the visible patches are aligned to a frozen teacher's features of the intact ima
              mix to the teacher's width; its target is that teacher block's output, normalised
              per token and taken at the cls token and the visible patches;
   mask       the teacher's cls attention guides it (mask.name 'attention',
-             masking.attention_mask); any other generator works too.
+             masking.attention_mask, fed by methods/teacher_attention.py, which MAE, CRATE-MAE
+             and SimMIM share through `mask.teacher`); any other generator works too.
 
 Facts from the paper and its official code (OpenDriveLab/maskalign: models_pretrain.py, and the
 README's ViT-B recipe), re-implemented here:
@@ -50,6 +51,7 @@ from mim_jax import flops
 from mim_jax import masking
 from mim_jax import models
 from mim_jax.methods import mae
+from mim_jax.methods import teacher_attention
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -78,27 +80,6 @@ def smooth_l1(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Mean smooth-L1 with beta 1 (torch's F.smooth_l1_loss default)."""
   diff = jnp.abs(pred.astype(jnp.float32) - target)
   return jnp.where(diff < 1.0, 0.5 * diff ** 2, diff - 0.5).mean()
-
-
-def cls_attention(teacher: vit.ViT, block_input: jax.Array) -> jax.Array:
-  """The cls token's attention over the patches in the teacher's last block, averaged over
-  heads: [B, N] (the official attentions[-1][:, :, 0, 1:].mean(1)). The model returns block
-  outputs, not attention weights, so the cls row is recomputed from the last block's input
-  [B, 1+N, D] with that block's own norm and q/k projection (the parameters of `teacher`, a
-  bound module that has run)."""
-  block = teacher.variables["params"]["blocks"][f"block_{teacher.depth - 1}"]
-  norm = nn.LayerNorm(epsilon=1e-6, dtype=teacher.dtype, param_dtype=teacher.param_dtype,
-                      parent=None)  # layers.layer_norm's, which Block uses
-  qkv = layers.QKV(teacher.dtype, teacher.param_dtype, parent=None)
-  q, k, _ = qkv.apply({"params": block["attn"]["qkv"]},
-                      norm.apply({"params": block["norm1"]}, block_input))
-  b, n, d = k.shape
-  head_dim = d // teacher.heads
-  # Scaled as layers.dot_product_attention scales q.
-  q = q[:, 0].reshape(b, teacher.heads, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
-  logits = jnp.einsum("bhd,bkhd->bhk", q, k.reshape(b, n, teacher.heads, head_dim),
-                      preferred_element_type=jnp.float32)
-  return jax.nn.softmax(logits, axis=-1).mean(axis=1)[:, 1:]
 
 
 class Adapter(nn.Module):
@@ -143,25 +124,21 @@ class MaskAlign(nn.Module):
   def teacher(self, images: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     """The frozen teacher on the whole images, under stop_gradient: its block outputs
     [B, 1+N, Dt], and its last block's cls attention over the patches [B, N]."""
-    teacher = self.frozen_teacher
-    _, aux = teacher(images)
-    hidden = [aux[f"block_{i}"] for i in range(teacher.depth)]
-    attention = cls_attention(teacher, aux[f"block_{teacher.depth - 2}"])
-    return jax.lax.stop_gradient((hidden, attention))
+    aux, attention = teacher_attention.forward(self.frozen_teacher, images)
+    return [aux[f"block_{i}"] for i in range(self.frozen_teacher.depth)], attention
 
-  def draw_mask(self, attention: jax.Array) -> masking.Mask:
-    rng, spec = self.make_rng("mask"), self.mask_spec
-    if spec.name == "attention":
-      return masking.attention_mask(rng, attention.shape[0], self.grid, spec.ratio,
-                                    attention=attention, **dict(spec.knobs))
-    return masking.draw(rng, attention.shape[0], self.grid, spec)
+  def draw_mask(self, images: jax.Array) -> masking.Mask:
+    """The configured mask, the attention mask fed the teacher on the whole images (what a
+    step spends making masks: mim_jax/bench.py times it)."""
+    _, attention = self.teacher(images)
+    return teacher_attention.draw(self.make_rng("mask"), attention, self.grid, self.mask_spec)
 
   def __call__(self, image: jax.Array, *, train: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, metrics) on a batch of images [B, H, W, C]. `attention_kept` is the share
     of the teacher's cls attention on the visible patches (70% masked at random: 0.3)."""
     teacher_hidden, attention = self.teacher(image)
-    mask = self.draw_mask(attention)
+    mask = teacher_attention.draw(self.make_rng("mask"), attention, self.grid, self.mask_spec)
     _, aux = self.encoder(image, mask.ids_keep, train=train)
     student = jnp.stack([aux[f"block_{i}"] for i in range(self.encoder.depth)])
     # The student's tokens: cls, then the visible patches in ids_keep's order (token i + 1 is
@@ -188,17 +165,15 @@ inputs = mae.inputs  # Images only.
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config whose encoder is the teacher: the student's, at `method.teacher_variant`."""
-  teacher = config.copy_and_resolve_references()
-  teacher.model.variant = config.method.teacher_variant
-  return teacher
+  return teacher_attention.teacher_config(config, config.method.teacher_variant)
 
 
 def frozen_encoders(config: ml_collections.ConfigDict
                     ) -> dict[str, tuple[str, ml_collections.ConfigDict, str]]:
   """The encoder the trainer loads into params['frozen_teacher'] (methods/__init__.py): its
   source, the config that builds it, and what names it in an error."""
-  return {"frozen_teacher": (config.method.teacher, teacher_config(config),
-                             "the teacher (method.teacher)")}
+  return {teacher_attention.SUBTREE: (config.method.teacher, teacher_config(config),
+                                      "the teacher (method.teacher)")}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -208,22 +183,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not m.teacher:
     raise ValueError("method.teacher is empty: name the frozen teacher, a mim_jax workdir, an "
                      "MAE .pth or an exported .npz")
-  try:
-    teacher, teacher_patch = vit.parse_variant(m.teacher_variant)
-  except ValueError as error:
-    raise ValueError(f"method.teacher_variant: {error}") from None
-  student, patch = vit.parse_variant(config.model.variant)
-  if teacher_patch != patch:
-    raise ValueError(f"method.teacher_variant {m.teacher_variant!r} has patch {teacher_patch}, "
-                     f"the student {config.model.variant!r} patch {patch}: the teacher's tokens "
-                     f"must be the student's patches; use a teacher with patch {patch}")
+  if config.mask.teacher:
+    raise ValueError(f"mask.teacher {config.mask.teacher!r} is for MAE, CRATE-MAE and SimMIM: "
+                     f"MaskAlign's attention mask reads its own teacher, method.teacher; set "
+                     f"mask.teacher=''")
+  teacher_attention.check_teacher_variant(config, m.teacher_variant, "method.teacher_variant")
+  teacher, _ = vit.parse_variant(m.teacher_variant)
+  student, _ = vit.parse_variant(config.model.variant)
   depth = min(student.depth, teacher.depth)
   if not 1 <= m.align_layers <= depth:
     raise ValueError(f"method.align_layers {m.align_layers} must be in 1 .. {depth} (the "
                      f"student has {student.depth} blocks, the teacher {teacher.depth})")
   if not 0.0 <= m.drop_path < 1.0:
     raise ValueError(f"method.drop_path must be in [0, 1), got {m.drop_path}")
-  masking.validate(config.mask, grid, supplies=("attention",))
+  masking.validate(config.mask, grid, supplies=(teacher_attention.ATTENTION,))
 
 
 def build(config: ml_collections.ConfigDict) -> MaskAlign:
@@ -243,18 +216,11 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   teacher, _ = vit.parse_variant(config.method.teacher_variant)
   k = config.method.align_layers
   side = config.image_size // patch
-  n = side * side
   tokens = 1 + masking.num_kept(config.mask, (side, side))
-  patch_dim = patch * patch * config.data.channels
-
-  def embed(width: int) -> int:
-    return flops.dense(n, patch_dim, width)
-
   adapters = k * (flops.dense(tokens, student.depth, student.width)
                   + flops.dense(tokens, student.width, teacher.width))
-  trained = (embed(student.width) + adapters
+  trained = (flops.dense(side * side, patch * patch * config.data.channels, student.width)
+             + adapters
              + flops.transformer(tokens, student.width, student.depth, student.mlp_dim))
-  cls_row = flops.dense(1 + n, teacher.width, 3 * teacher.width) + 2 * (1 + n) * teacher.width
-  frozen = (embed(teacher.width) + cls_row
-            + flops.transformer(1 + n, teacher.width, teacher.depth, teacher.mlp_dim))
+  frozen = teacher_attention.forward_flops(config, config.method.teacher_variant)
   return flops.TRAIN_MULTIPLIER * trained + frozen

@@ -38,13 +38,35 @@ def attention_impl(name: str) -> str | None:
   return ATTENTION_IMPLS[name]
 
 
+def rows(x: jax.Array) -> jax.Array:
+  """[..., d] -> [tokens, d], the 2-D operand every dense matmul here takes. The reshape is
+  free (a bitcast), and it decides the form of the weight gradient. For an input of rank 3 or
+  more, jax's gradient is one dot contracting two dims ([B, N] of x and of dy), and XLA's CPU
+  backend runs it on a transposed copy of dy. On [B*N, d] rows it is one plain dot, with no
+  copy."""
+  return x.reshape(-1, x.shape[-1])
+
+
+class Dense(nn.Dense):
+  """nn.Dense (same parameters, same math) that runs its matmul on `rows` of the input.
+
+  On the bench's MAE step (Ti/4, decoder 4x128, 32 px, batch 128; `make bench`) this removes
+  67 of the compiled step's 132 copy fusions, one per dense layer, each a transpose of up to
+  [8320, 512] floats. Measured in one process, against nn.Dense, interleaved over 10 rounds on
+  a shared 2-core CPU: 1.085x less CPU time per step and 1.10x the throughput (medians of the
+  paired ratios)."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return super().__call__(rows(inputs)).reshape(*inputs.shape[:-1], self.features)
+
+
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, *, use_bias: bool = True,
           kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
-          ) -> nn.Dense:
-  """nn.Dense with a xavier-uniform kernel (MAE's and CRATE's init of every Linear) and a zero
+          ) -> Dense:
+  """`Dense` with a xavier-uniform kernel (MAE's and CRATE's init of every Linear) and a zero
   bias, unless `kernel_init` says otherwise (Swin's truncated normal)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=kernel_init, name=name)
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+               kernel_init=kernel_init, name=name)
 
 
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, *, eps: float = 1e-6,
@@ -165,7 +187,7 @@ class PatchEmbed(nn.Module):
     bias = self.param("bias", bias_init, (self.width,), self.param_dtype)
     x = patchify(images.astype(self.dtype), self.patch)
     w = kernel.reshape(-1, self.width).astype(self.dtype)
-    return x @ w + bias.astype(self.dtype)
+    return (rows(x) @ w + bias.astype(self.dtype)).reshape(*x.shape[:-1], self.width)
 
 
 def embed_tokens(module: nn.Module, x: jax.Array, grid: tuple[int, int], posemb: str,
@@ -288,8 +310,9 @@ def gelu(x: jax.Array, exact: bool = True) -> jax.Array:
 
 
 def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """x @ kernel + bias with nn.Dense's dot_general, so it gives nn.Dense's bits."""
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+  """x @ kernel + bias with nn.Dense's dot_general, on `rows` of x as `Dense` runs it."""
+  y = jax.lax.dot_general(rows(x), kernel, (((1,), (0,)), ((), ()))) + bias
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class QKV(nn.Module):
@@ -422,8 +445,8 @@ class Block(nn.Module):
 class Stack(nn.Module):
   """`depth` transformer blocks named block_0 .. block_{depth-1}, every one with the same
   attention restriction (kv_ids, kv_mask, mask; see `Attention`), rematerialised under the
-  `remat` policy and unrolled or, with `scan_layers`, scanned (models/layer_loop.py: the
-  parameters are stored per block either way).
+  `remat` policy and unrolled or, with `scan_layers`, scanned (models/layer_loop.py: then the
+  blocks' parameters are stored stacked, as 'stacked_blocks').
 
   Returns the output and a dict of every block's output, so evaluators can read any layer.
   Unused intermediates cost nothing under jit: XLA removes them.

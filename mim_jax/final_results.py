@@ -9,8 +9,6 @@ second time. Raising `total_steps` continues the run, since the file names its l
 import json
 import os
 
-import jax
-
 
 def path(workdir: str) -> str:
   return os.path.join(workdir, "results.json")
@@ -30,6 +28,9 @@ def read(workdir: str, total_steps: int) -> dict[str, float] | None:
 
 def write(workdir: str, step: int, results: dict[str, float]) -> None:
   """Writes atomically (a temporary file renamed), so a crash never leaves half a file."""
+  # Imported here: `python -m mim_jax.tools.plot` reads results without jax, whose import would
+  # be half of that tool's start.
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   tmp = path(workdir) + ".tmp"

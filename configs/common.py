@@ -110,9 +110,10 @@ def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:
                                  # dots_saveable (every matmul's output) |
                                  # dots_with_no_batch_dims_saveable (the projections' and MLP's,
                                  # not attention's) (models/layer_loop.py REMAT_POLICIES).
-  m.scan_layers = False          # Run the blocks as one scan; the same parameters and
-                                 # checkpoints either way. Traces one block, but on CPU compiles
-                                 # slower and needs more memory (models/layer_loop.py measures).
+  m.scan_layers = False          # Run the blocks as one scan, their parameters stored stacked
+                                 # (the same values; checkpoints and pretrained sources load
+                                 # across the switch). Compiles one block instead of all of them
+                                 # (models/layer_loop.py measures).
   m.dtype = "float32"            # Compute dtype: float32 | bfloat16 | float16.
   m.param_dtype = "float32"
   m.attention_impl = "auto"      # auto | xla | cudnn (fused flash attention on GPU).
@@ -150,7 +151,7 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   generator's knobs, so `--config.mask.name=<other>` works with its defaults."""
   m = ml_collections.ConfigDict()
   m.name = name                  # random | block | coarse | <red|blue|green|purple>_noise |
-                                 # hard_patch (masking.GENERATORS).
+                                 # hard_patch | attention (masking.GENERATORS).
   m.ratio = ratio                # Share of patches masked (for MP3: left out of the context).
   m.random = ml_collections.ConfigDict()  # i.i.d. uniform scores (MAE, sec. 3): no knobs.
   # BEiT's block-wise masking (Bao et al. 2021, algorithm 1), as CAE uses it.
@@ -170,9 +171,17 @@ def mask_config(name: str, ratio: float, *, block_min_patches: int = 16,
   for color, sigmas in (("red", (1.5,)), ("blue", (0.5,)), ("green", (0.5, 1.5)),
                         ("purple", (0.5, 1.5))):
     m[f"{color}_noise"] = ml_collections.ConfigDict({"sigmas": sigmas})
-  # HPM's hard patches (Wang et al. 2023): no knobs here; the scores and the ramp come from the
-  # loss predictor of MAE / CRATE-MAE's `method.hpm`. Without one the mask is uniform.
+  # HPM's hard patches (Wang et al. 2023): the scores and the ramp come from the loss predictor
+  # of MAE's, CRATE-MAE's or SimMIM's `method.hpm`; without one the mask is refused.
   m.hard_patch = ml_collections.ConfigDict()
+  m.hard_patch.cell = 1          # Mask square cells of this many patches a side (SimMIM's: its
+                                 # coarse cell), scored by their patches' mean predicted loss.
+  # The attention mask's frozen ViT teacher for MAE, CRATE-MAE and SimMIM (MaskAlign names its
+  # own, method.teacher): with mask.name='attention', the visible patches are drawn in
+  # proportion to its last block's cls attention (mim_jax/methods/teacher_attention.py).
+  m.teacher = ""                 # A mim_jax workdir, an MAE .pth or an exported .npz.
+  m.teacher_variant = ""         # Its ViT <size>/<patch>; '' = a ViT student's own. Its patch
+                                 # grid must be the student's.
   return m
 
 

@@ -34,7 +34,10 @@ second decoder, and the hard-patch mask needs a pass of encoder and predictor ov
 The argument after ':' is configs/mae_vit.py's (variant, decoder, data, image_size, batch_size,
 runlocal). HPM's knobs are `method.hpm` (configs/common.py hpm_config); e.g.
 --config.mask.name=random keeps the loss predictor with MAE's masks (HPM's ablation of the
-loss-prediction objective alone).
+loss-prediction objective alone). The same switch gives CRATE-MAE (configs/crate_mae.py) and
+SimMIM (configs/simmim_vit.py, simmim_swin.py: a twin of the prediction head, hard patches in
+SimMIM's mask cells, mask.hard_patch.cell) the predictor and the hard-patch mask:
+--config.method.hpm.enabled=True --config.mask.name=hard_patch.
 """
 
 import ml_collections

@@ -38,6 +38,20 @@ None reaches the targets of a 10-point k-NN gain over random init and a 10- and 
 over both random init and pixels at the demo's cost; the default keeps the cls feature, random
 masks and Ti/4, whose fine-tuning gain is the clearest.
 
+Model-scored masks by config: HPM's hard patches (configs/hpm_vit.py:
+--config.method.hpm.enabled=True --config.mask.name=hard_patch), and MaskAlign's mask, a frozen
+ViT teacher's cls attention (mim_jax/methods/teacher_attention.py). The teacher is any
+pretrained source (a workdir, an MAE .pth, an .npz; mask.teacher_variant its size, default the
+student's), read before anything compiles, frozen, and run on the whole image in the step:
+
+  python -m mim_jax.main --config=configs/mae_vit.py:runlocal --config.mask.name=attention \
+      --config.mask.teacher=/tmp/mae_local --workdir=/tmp/mae_attention
+
+Measured (seed 0, 275 steps, one run each, the teacher this runlocal's own result): the loss
+falls from 2.09 to 0.71 (random masks: 2.08 to 0.72); k-NN 0.690, linear probe 0.926, 10-shot
+0.872 against 0.673, 0.926 and 0.865 with random masks. An MAE teacher's cls token attends
+almost evenly (configs/maskalign_vit.py), so the mask stays close to uniform.
+
 The argument after ':' is a comma-separated list (big_vision style):
   variant=<Ti|S|B|L|H>/<patch>   encoder size and patch, e.g. B/16, H/14, Ti/4 (default B/16)
   decoder=<depth>x<width>        MAE decoder, e.g. 8x512 (the paper's default)

@@ -17,7 +17,9 @@ random init / raw pixels: k-NN 0.795 / 0.589 / 0.983, linear probe 0.929 / 0.912
 The metric attention_kept stays at 0.25, a random mask's share: the MAE teacher's cls token,
 which no MAE loss reads, attends almost evenly (5.7% to 7.0% per patch against 6.25%), so this
 teacher's attention mask is close to uniform; the official CLIP and DINO teachers' cls tokens
-are trained to summarise the image.
+are trained to summarise the image. The same teacher-attention mask serves MAE, CRATE-MAE and
+SimMIM through `mask.teacher` (configs/mae_vit.py); MaskAlign's reads `method.teacher` and
+leaves `mask.teacher` empty.
 
 Run at full scale (the official ViT-B/16 recipe; on a GPU host or TPU pod) with any teacher
 mim_jax loads, e.g. an MAE ViT-B/16 workdir or MAE's released mae_pretrain_vit_base.pth:

@@ -197,8 +197,8 @@ PATCH_INIT_CASES = {
     "crate_mae:runlocal": ((4, 4, 3, 64), XAVIER(48, 64) / math.sqrt(3), XAVIER(48, 64), 0.0),
     # Swin (Mu, patch 4): PyTorch's Conv2d default, U(+-1/sqrt(fan_in)), the bias too.
     "simmim_swin:runlocal": ((4, 4, 3, 32), 48 ** -0.5 / math.sqrt(3), 48 ** -0.5, 48 ** -0.5),
-    # CAE (Ti/4): trunc_normal_(std=0.02, a=-0.02, b=0.02).
-    "cae_vit:runlocal": ((4, 4, 3, 192), _truncated_normal_std(0.02, 1.0), 0.02, 0.0),
+    # CAE (Mu/4): trunc_normal_(std=0.02, a=-0.02, b=0.02).
+    "cae_vit:runlocal": ((4, 4, 3, 64), _truncated_normal_std(0.02, 1.0), 0.02, 0.0),
 }
 
 

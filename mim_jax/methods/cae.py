@@ -53,11 +53,6 @@ from mim_jax.models import layers
 from mim_jax.models import vit
 
 
-def _dense(features: int, name: str, dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.xavier_uniform(), name=name)
-
-
 class CrossAttention(nn.Module):
   """Multi-head attention of queries [B, n, D] over keys and values [B, m, D], with separate q,
   k, v projections. No key bias (it would add the same logit to every key of a query, so
@@ -74,7 +69,7 @@ class CrossAttention(nn.Module):
     if d % self.heads:
       raise ValueError(f"width {d} is not divisible by heads {self.heads}")
     hd = d // self.heads
-    dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
     q = dense(d, "q")(queries).reshape(b, n, self.heads, hd)
     k = dense(d, "k", use_bias=False)(keys).reshape(b, m, self.heads, hd)
     v = dense(d, "v")(values).reshape(b, m, self.heads, hd)
@@ -149,7 +144,7 @@ class CAE(nn.Module):
     enc = self.encoder
     if self.width == enc.width:
       return lambda x: x
-    dense = _dense(self.width, "to_width", enc.dtype, enc.param_dtype)
+    dense = layers.dense(self.width, "to_width", enc.dtype, enc.param_dtype)
     norm = nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, param_dtype=enc.param_dtype,
                         name="to_width_norm")
     return lambda x: norm(dense(x))
@@ -205,7 +200,7 @@ class CAE(nn.Module):
     for i, rate in enumerate(layer_loop.drop_path_rates(self.drop_path if train else 0.0,
                                              self.decoder_depth)):
       x = decoder_cls(self.heads, 4 * self.width, drop_path=rate, **kw, name=f"decoder_{i}")(x)
-    pixels = _dense(enc.patch * enc.patch * self.channels, "head", enc.dtype,
+    pixels = layers.dense(enc.patch * enc.patch * self.channels, "head", enc.dtype,
                     enc.param_dtype)(norm("decoder_norm")(x))
     return {"pixels": pixels, "latent_pred": latent_pred, "latent_target": latent_target,
             "ids_masked": ids_masked, "mask": mask}

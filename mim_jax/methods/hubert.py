@@ -41,6 +41,7 @@ from mim_jax.data import logmel
 from mim_jax.data import targets as targets_lib
 from mim_jax.methods import bestrq
 from mim_jax.models import conformer
+from mim_jax.models import layers
 
 SUBSAMPLING = targets_lib.STRIDE  # log-mel frames per encoder frame (and per target)
 
@@ -72,8 +73,8 @@ class HuBERT(nn.Module):
     # wav2vec 2.0 / HuBERT draw the mask embedding uniformly from [0, 1).
     self.mask_embedding = self.param("mask_embedding", nn.initializers.uniform(1.0),
                                      (self.frontend.num_mels,))
-    dense = lambda n, name: nn.Dense(n, dtype=self.encoder.dtype,
-                                     param_dtype=self.encoder.param_dtype, name=name)
+    dense = lambda n, name: layers.Dense(n, dtype=self.encoder.dtype,
+                                         param_dtype=self.encoder.param_dtype, name=name)
     self.projection = dense(self.proj_dim, "projection")
     # Only their directions matter (cosine similarity): random directions.
     self.code_embeddings = self.param("code_embeddings", nn.initializers.normal(1.0),

@@ -26,6 +26,7 @@ from mim_jax import flops
 from mim_jax import masking
 from mim_jax import models
 from mim_jax.methods import mae
+from mim_jax.models import layers
 from mim_jax.models import vit
 
 
@@ -52,8 +53,8 @@ class PositionPrediction(nn.Module):
     top-1 position accuracy over all patches, the context patches and the hidden ones."""
     mask = masking.draw(self.make_rng("mask"), image.shape[0], self.grid, self.mask_spec)
     tokens, _ = self.encoder(image, context_ids=mask.ids_keep, train=train)
-    logits = nn.Dense(self.num_positions, dtype=self.encoder.dtype,
-                      param_dtype=self.encoder.param_dtype, name="head")(tokens[:, 1:])
+    logits = layers.Dense(self.num_positions, dtype=self.encoder.dtype,
+                          param_dtype=self.encoder.param_dtype, name="head")(tokens[:, 1:])
     logits = logits.astype(jnp.float32)
     labels = jnp.broadcast_to(jnp.arange(self.num_positions), logits.shape[:2])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

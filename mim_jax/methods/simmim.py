@@ -88,8 +88,8 @@ class SimMIM(nn.Module):
     return (side, side)
 
   def setup(self):
-    dense = lambda name: nn.Dense(self.stride * self.stride * self.channels, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+    dense = lambda name: layers.Dense(self.stride * self.stride * self.channels,
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     self.head = dense("head")
     if self.hpm_spec is not None:
       self.loss_predictor = dense("loss_predictor")

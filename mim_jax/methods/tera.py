@@ -37,6 +37,7 @@ from mim_jax import models
 from mim_jax.data import logmel
 from mim_jax.methods import bestrq
 from mim_jax.models import conformer
+from mim_jax.models import layers
 
 SUBSAMPLING = bestrq.SUBSAMPLING  # The Conformer's two stride-2 convolutions.
 
@@ -53,9 +54,9 @@ class Tera(nn.Module):
   def setup(self):
     kw = {"dtype": self.encoder.dtype, "param_dtype": self.encoder.param_dtype}
     # TERA's prediction network: two feed-forward layers, GELU and LayerNorm between them.
-    self.head_hidden = nn.Dense(self.encoder.width, **kw)
+    self.head_hidden = layers.Dense(self.encoder.width, **kw)
     self.head_norm = nn.LayerNorm(**kw)
-    self.head_out = nn.Dense(SUBSAMPLING * self.frontend.num_mels, **kw)
+    self.head_out = layers.Dense(SUBSAMPLING * self.frontend.num_mels, **kw)
 
   def alter(self, rng: jax.Array, feats: jax.Array, valid: jax.Array
             ) -> tuple[jax.Array, jax.Array]:

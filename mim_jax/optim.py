@@ -128,11 +128,15 @@ def layer_decay_scales(params, decay: float) -> object:
   stacked = {name: leaf.shape[0] for name, leaf in flat.items() if _STACKED.search(name)}
   depth = max([encoder_depth(list(flat)), *stacked.values()])
 
-  def scale(name: str, leaf) -> float | np.ndarray:
-    if name in stacked:  # block i is layer i + 1
-      factors = [decay ** (depth + 1 - (i + 1)) for i in range(stacked[name])]
-      return np.asarray(factors).reshape((-1,) + (1,) * (leaf.ndim - 1))
+  def factor(name: str) -> float:
     return decay ** (depth + 1 - layer_id(name, depth))
+
+  def scale(name: str, leaf) -> float | np.ndarray:
+    if name in stacked:  # Row i is the unrolled run's block_i, and decays as it does.
+      rows = [name.replace(f"/{layer_layout.STACKED}/", f"/block_{i}/", 1)
+              for i in range(stacked[name])]
+      return np.asarray([factor(row) for row in rows]).reshape((-1,) + (1,) * (leaf.ndim - 1))
+    return factor(name)
 
   return tree_paths.map_with_names(scale, params)
 

@@ -2,9 +2,11 @@
 
 import io
 import logging
+import os
 import pathlib
 import re
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -16,6 +18,7 @@ from mim_jax import errors
 from mim_jax.data import augment
 from mim_jax.data import eval_arrays
 from mim_jax.data import get_source
+from mim_jax.data import pipeline
 from mim_jax.data import train_iterator
 
 
@@ -28,7 +31,8 @@ def make_config(name: str = "digits", channels: int = 1, **data) -> ml_collectio
   c.data = ml_collections.ConfigDict(dict(
       name=name, split="train", eval_split="test", channels=channels, num_classes=10,
       crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, on_corrupt="error",
-      holdout=0.0, tfds_data_dir="", num_workers=0, mean=(0.5,) * channels,
+      holdout=0.0, tfds_data_dir="", num_workers=0, read_threads=0,
+      prefetch_batches=0, mean=(0.5,) * channels,
       std=(0.5,) * channels))
   c.lock()  # A misspelt field in `data` raises instead of being added.
   c.data.update(data)
@@ -76,6 +80,30 @@ def test_set_state_resumes_exactly():
   resumed = train_iterator(config, process_index=0, process_count=1)
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 2), expected)
+
+
+def test_read_ahead_is_bounded(monkeypatch):
+  """The train stream augments at most data.prefetch_batches batches ahead of the reader. With
+  grain's default buffer (500 elements, which are batches here) it would augment hundreds of
+  batches while the first step compiles."""
+  crops, real_crop = [], augment.random_resized_crop
+  monkeypatch.setattr(augment, "random_resized_crop",
+                      lambda *a, **k: crops.append(1) or real_crop(*a, **k))
+  it = train_iterator(make_config(read_threads=2, prefetch_batches=2), process_index=0,
+                      process_count=1)
+  take(it, 2)
+  time.sleep(0.5)  # time enough to read ahead as far as it may
+  assert 2 * 8 <= len(crops) <= (2 + 2) * 8
+
+
+def test_read_options():
+  auto = pipeline.read_options(make_config().data)
+  assert auto.num_threads == min(os.cpu_count(), 16)
+  assert auto.prefetch_buffer_size == auto.num_threads
+  given = pipeline.read_options(make_config(read_threads=3, prefetch_batches=5).data)
+  assert (given.num_threads, given.prefetch_buffer_size) == (3, 5)
+  with pytest.raises(ValueError, match=r"data.prefetch_batches=-1 must be >= 0"):
+    pipeline.read_options(make_config(prefetch_batches=-1).data)
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

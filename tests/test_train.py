@@ -172,6 +172,23 @@ def restore(workdir: pathlib.Path, step: int, overrides: dict) -> train.TrainSta
     ckpt.close()
 
 
+def test_the_random_init_baseline_is_the_states_init_compiled_once():
+  """train.param_initializer is compiled once: for the state, and again called by the final
+  evaluations for the random-init baseline, which must be the params the run started from."""
+  config = make_config({})
+  model, tx, mesh = methods.build(config), optim.build(config), sharding.make_mesh()
+  _, shardings = train.abstract_state(model, tx, config, mesh, jax.random.key(0))
+  init_params = train.param_initializer(model, config, shardings.params)
+  state, _, _ = train.create_state(model, tx, config, mesh, jax.random.key(0), init_params)
+  again = init_params(jax.random.key(0))
+  assert init_params._cache_size() == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(state.params))
+  assert jax.tree.map(lambda a, b: a.sharding == b.sharding, again, state.params) == \
+      jax.tree.map(lambda a: True, again)
+  assert int(state.step) == 0
+  assert all(not np.any(x) for x in jax.tree.leaves(state.opt_state) if x.ndim)  # Adam's moments
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> pathlib.Path:
   """One uninterrupted run of REF_STEPS steps, shared by the tests that read it."""

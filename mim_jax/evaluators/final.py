@@ -20,7 +20,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
         ) -> dict[str, float]:
   """`evaluators` is the run's suite, so the data it read and the feature extractor it compiled
   for the periodic evals serve these too. `init_params(init_rng)` gives the params the run
-  started from (the random-init baseline)."""
+  started from (the random-init baseline), placed like `params`, so the feature extractor
+  compiled for them serves it too: the run's own jitted init (train.param_initializer)."""
   e = config.eval
   if e.reconstruction_png and jax.process_index() == 0:
     inputs, _ = pipeline.eval_arrays(config, config.data.eval_split,
@@ -30,8 +31,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nn.Module, param
         os.path.join(workdir, "reconstruction.png"), model, params, images, config.data.mean,
         config.data.std, jax.random.key(config.seed + 1))
     logging.info("wrote %s (rows: original, masked, reconstruction)", path)
-  # The same initialisation the run started from, so the comparison isolates pretraining;
-  # placed like `params`, so the feature extractor compiled for them serves it too.
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  random_init = jax.jit(init_params, out_shardings=shardings)
-  return evaluators.run_with_baselines(params, lambda: random_init(init_rng))
+  # The same initialisation the run started from, so the comparison isolates pretraining.
+  return evaluators.run_with_baselines(params, lambda: init_params(init_rng))

@@ -31,7 +31,7 @@ $(VENV)/.installed: requirements.txt
 
 # A fresh run each time: the demo is a showcase, not a resumable job. It pretrains MAE, then
 # fine-tunes that encoder and the same ViT from random init with one short recipe (the runlocal
-# fine-tuning, cut to DEMO_FINETUNE_STEPS), and ends with the table of every final evaluation:
+# fine-tuning, run for DEMO_FINETUNE_STEPS), and ends with the table of every final evaluation:
 # what pretraining buys, by k-NN, linear probe, few-shot and fine-tuning.
 DEMO_FINETUNE_STEPS ?= 165
 DEMO_FT := $(DEMO_DIR)/finetune

@@ -13,10 +13,9 @@ Conformer Mu, 2 blocks of width 32; 175 steps of batch 64): iteration 1, k-means
   python -m mim_jax.tools.kmeans --config=configs/hubert_conformer.py:runlocal
   python -m mim_jax.main --config=configs/hubert_conformer.py:runlocal --workdir=/tmp/hubert_local
 
-Expected (measured with the data and targets cached: 107 s of CPU, evaluations included (81 s
-user + 26 s system, the system time from memory pressure on a 2-core machine at load 20, 20 min
-wall), so under 2 minutes on an idle 2-core machine; the former runlocal's Ti Conformer took 2.6
-min wall there): the loss falls from 4.9 (ln(100) = 4.6) to 3.3, the masked accuracy rises to
+Expected (measured with the data and targets cached: 33 s on an idle 2-core machine, 50 s of
+CPU, start-up and evaluations included; 107 s of CPU at load 20; the former runlocal's Ti
+Conformer took 2.6 min wall there): the loss falls from 4.9 (ln(100) = 4.6) to 3.3, the masked accuracy rises to
 0.27; top-1 on the 170 test utterances (unseen speakers) from the mean of block -2 over real
 frames:
 

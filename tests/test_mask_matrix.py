@@ -184,10 +184,10 @@ def test_gallery_greys_each_generators_masked_patches_and_the_tool_writes_it(tmp
     masked = (row == mask_gallery.GREY).reshape(3, 4, 4, 4, 4).all(axis=(2, 4))  # per patch
     assert (masked.sum(axis=(1, 2)) == 8).all(), name  # ratio 0.5 of 16 patches
     np.testing.assert_array_equal(row[row != mask_gallery.GREY], images[row != mask_gallery.GREY])
-  # The command line, on the digits config, where BEiT's default 16-patch blocks do not fit.
+  # The command line, on the digits config with BEiT's 16-patch blocks, which do not fit.
   out = tmp_path / "masks.png"
   result = run_module("mim_jax.tools.mask_gallery", "--config=configs/mae_vit.py:runlocal",
-                      f"--out={out}", "--images=4")
+                      "--config.mask.block.min_patches=16", f"--out={out}", "--images=4")
   assert result.returncode == 0, result.stderr[-2000:]
   drawn = json.loads(result.stdout.split(": ", 1)[1])
   assert drawn == sorted(set(MASKS) - {"block"}) and out.stat().st_size > 10_000

@@ -20,8 +20,8 @@ k-NN 0.717 / 0.589 / 0.983, linear probe 0.919 / 0.913 / 0.973, 10-shot 0.869 / 
 0.909 / 0.882, 10-shot 0.849 / 0.811, 25-shot 0.906 / 0.882. Pretraining this short moves the
 encoder past its random init on k-NN, the probe and 10-shot; pixels, on 8x8 digits, remain the
 stronger features (the paper's gains need hundreds of ImageNet epochs). Fine-tuning shows it
-(`make demo` runs it): 165 steps of configs/finetune_vit.py:runlocal from this encoder and from
-random init.
+(`make demo` runs it): 165 steps of configs/finetune_vit.py:runlocal reach 0.828 top-1 from
+this encoder and 0.710 from random init.
 
 runlocal masks with BEiT's blocks (mask.name=block, blocks of 4 patches at least on the 4x4
 grid), not MAE's uniform masks: on digits they give the cls feature the clearer k-NN gain

@@ -16,15 +16,15 @@ and cached; the micro Conformer Mu, 2 blocks of width 32; 175 steps of batch 64)
 
   python -m mim_jax.main --config=configs/bestrq_conformer.py:runlocal --workdir=/tmp/bestrq_local
 
-Expected (measured with the data cached: 87 s of CPU, evaluations included (82 s user + 5 s
-system; 12 min wall on a 2-core machine at load 15), so under 2 minutes on an idle 2-core
-machine; the former runlocal's Ti Conformer took 2.6 min wall there): the loss falls from 7.4
-to 5.7 and the masked-frame accuracy rises from 0 to 0.10; top-1 on the test speakers' digits
-(README's Speech section), for the pretrained encoder / the same encoder at random init /
-log-mel statistics: k-NN 0.694 / 0.435 / 0.776, linear probe 0.776 / 0.624 / 0.888, 10-shot
-0.700 / 0.529 / 0.759. The Ti Conformer (variant=Ti) reaches k-NN 0.853, probe 0.935 and
-10-shot 0.894 in 70 steps (--config.total_steps=70 --config.optim.warmup_steps=14), past
-log-mel, at 125 s of CPU.
+Expected (measured with the data cached: 32 s on an idle 2-core machine; earlier, 87 s of CPU,
+evaluations included (82 s user + 5 s system; 12 min wall on a 2-core machine at load 15), so
+under 2 minutes on an idle 2-core machine; the former runlocal's Ti Conformer took 2.6 min wall
+there): the loss falls from 7.4 to 5.7 and the masked-frame accuracy rises from 0 to 0.10; top-1
+on the test speakers' digits (README's Speech section), for the pretrained encoder / the same
+encoder at random init / log-mel statistics: k-NN 0.694 / 0.435 / 0.776, linear probe 0.776 /
+0.624 / 0.888, 10-shot 0.700 / 0.529 / 0.759. The Ti Conformer (variant=Ti) reaches k-NN 0.853,
+probe 0.935 and 10-shot 0.894 in 70 steps (--config.total_steps=70
+--config.optim.warmup_steps=14), past log-mel, at 125 s of CPU.
 
 The argument after ':' is a comma-separated list:
   variant=<S|M|L|Ti|Mu>          Conformer size (Gulati et al. 2020, table 1; Ti/Mu are tiny)

@@ -29,10 +29,10 @@ again for the alignment target):
   python -m mim_jax.main --config=configs/cae_vit.py:runlocal --workdir=/tmp/cae_local
 
 Expected (measured: 42 s on an idle 2-core machine, 64 s of CPU, start-up and evaluations
-included, where the former Ti/4, 275-step runlocal took 246 s): the loss (reconstruction + 0.5 x alignment) falls from
-about 4.5 to about 0.90 (alignment about 0.18); top-1 on the test digits, cls feature,
-pretrained / random init / pixels: k-NN 0.643 / 0.586 / 0.983, linear probe 0.842 / 0.825 /
-0.973, 10-shot 0.828 / 0.791 / 0.879 (a run this short barely moves a probe).
+included, where the former Ti/4, 275-step runlocal took 246 s): the loss (reconstruction + 0.5 x
+alignment) falls from about 4.5 to about 0.90 (alignment about 0.18); top-1 on the test digits,
+cls feature, pretrained / random init / pixels: k-NN 0.643 / 0.586 / 0.983, linear probe 0.842 /
+0.825 / 0.973, 10-shot 0.828 / 0.791 / 0.879 (a run this short barely moves a probe).
 
 The argument after ':' is a comma-separated list (big_vision style):
   variant=<Mu|Ti|S|B|L|H>/<patch>  encoder size and patch, e.g. B/16, Ti/4 (default B/16; Mu/4

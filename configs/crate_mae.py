@@ -27,13 +27,13 @@ Run on a laptop CPU in about a minute (embedded digits at 16 px, a micro CRATE, 
 
   python -m mim_jax.main --config=configs/crate_mae.py:runlocal --workdir=/tmp/crate_mae_local
 
-Expected (measured: 71 s of CPU, evaluations included (69 s user + 2 s system; 4 min wall on a
-2-core machine at load 15), so about a minute on an idle 2-core machine): the loss falls from
-about 1.8 to about 0.34; top-1 on the test digits from the encoder's mean patch token ('gap'),
-pretrained / the same encoder at random init / raw pixels: linear probe 0.845 / 0.828 / 0.973,
-while k-NN (0.677 / 0.707 / 0.983) and 10-shot (0.636 / 0.660 / 0.879) do not move yet. With
-runlocal,image_size=32 (64 patches, about 3 CPU-minutes) the loss reaches about 0.22 and the
-probe 0.956 against 0.933.
+Expected (measured: 27 s on an idle 2-core machine, start-up included; earlier, 71 s of CPU,
+evaluations included (69 s user + 2 s system; 4 min wall on a 2-core machine at load 15), so
+about a minute on an idle 2-core machine): the loss falls from about 1.8 to about 0.34; top-1 on
+the test digits from the encoder's mean patch token ('gap'), pretrained / the same encoder at
+random init / raw pixels: linear probe 0.845 / 0.828 / 0.973, while k-NN (0.677 / 0.707 / 0.983)
+and 10-shot (0.636 / 0.660 / 0.879) do not move yet. With runlocal,image_size=32 (64 patches,
+about 3 CPU-minutes) the loss reaches about 0.22 and the probe 0.956 against 0.933.
 
 Throughput of the train step (CRATE-T/4 at 32 px, the shared small benchmark setting):
 

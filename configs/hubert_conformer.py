@@ -15,9 +15,9 @@ Conformer Mu, 2 blocks of width 32; 175 steps of batch 64): iteration 1, k-means
 
 Expected (measured with the data and targets cached: 33 s on an idle 2-core machine, 50 s of
 CPU, start-up and evaluations included; 107 s of CPU at load 20; the former runlocal's Ti
-Conformer took 2.6 min wall there): the loss falls from 4.9 (ln(100) = 4.6) to 3.3, the masked accuracy rises to
-0.27; top-1 on the 170 test utterances (unseen speakers) from the mean of block -2 over real
-frames:
+Conformer took 2.6 min wall there): the loss falls from 4.9 (ln(100) = 4.6) to 3.3, the masked
+accuracy rises to 0.27; top-1 on the 170 test utterances (unseen speakers) from the mean of
+block -2 over real frames:
 
   |              | pretrained | random init | log-mel mean + std |
   | k-NN         | 0.800      | 0.435       | 0.776              |

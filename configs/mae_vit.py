@@ -13,15 +13,15 @@ Run on a laptop CPU in under 2 minutes (embedded digits, tiny ViT; `make demo` s
   python -m mim_jax.main --config=configs/mae_vit.py:runlocal --workdir=/tmp/mae_local
 
 Expected (Ti/4 at 16 px, 198 steps, block masks; 110 s on an idle 2-core CPU, 172 CPU-s,
-start-up and evaluations included): the loss falls from about 2.1 to about 0.74. Top-1 on the 297 test
-digits, cls feature, for the pretrained encoder / the same encoder at random init / raw pixels:
-k-NN 0.717 / 0.589 / 0.983, linear probe 0.919 / 0.913 / 0.973, 10-shot 0.869 / 0.835 / 0.879,
-25-shot 0.902 / 0.912 / 0.916. At seed 1 (--config.seed=1): k-NN 0.677 / 0.606, probe
+start-up and evaluations included): the loss falls from about 2.1 to about 0.74. Top-1 on the
+297 test digits, cls feature, for the pretrained encoder / the same encoder at random init / raw
+pixels: k-NN 0.717 / 0.589 / 0.983, linear probe 0.919 / 0.913 / 0.973, 10-shot 0.869 / 0.835 /
+0.879, 25-shot 0.902 / 0.912 / 0.916. At seed 1 (--config.seed=1): k-NN 0.677 / 0.606, probe
 0.909 / 0.882, 10-shot 0.849 / 0.811, 25-shot 0.906 / 0.882. Pretraining this short moves the
 encoder past its random init on k-NN, the probe and 10-shot; pixels, on 8x8 digits, remain the
 stronger features (the paper's gains need hundreds of ImageNet epochs). Fine-tuning shows it
-(`make demo` runs it): 165 steps of configs/finetune_vit.py:runlocal reach 0.828 top-1 from
-this encoder and 0.710 from random init.
+(`make demo` runs it): 165 steps of configs/finetune_vit.py:runlocal reach 0.828 top-1 from this
+encoder and 0.710 from random init.
 
 runlocal masks with BEiT's blocks (mask.name=block, blocks of 4 patches at least on the 4x4
 grid), not MAE's uniform masks: on digits they give the cls feature the clearer k-NN gain

@@ -23,8 +23,8 @@ quoted. During pretraining this codebase reports `position_accuracy` (top-1 over
 positions), also split into the context patches and the hidden ones.
 
 Run on a CPU (embedded digits, the micro ViT Mu/8 at 32 px: 16 positions, 4 in the context; 440
-steps at batch 128; about 77 s of CPU, evaluations included, so well under 2 minutes on an idle
-2-core machine; measured: 75 s user + 1.5 s system, 9.4 min wall on a 2-core machine at load
+steps at batch 128; 29 s on an idle 2-core machine, start-up and evaluations included; earlier,
+about 77 s of CPU; measured: 75 s user + 1.5 s system, 9.4 min wall on a 2-core machine at load
 20. The former Ti/8 runlocal took 266 s on an idle 2-core machine):
 
   python -m mim_jax.main --config=configs/position_vit.py:runlocal --workdir=/tmp/mp3_local

@@ -25,11 +25,11 @@ steps of batch 128):
   python -m mim_jax.main --config=configs/simmim_swin.py:runlocal --workdir=/tmp/simmim_swin_local
 
 Expected (measured: 46 s on an idle 2-core machine, 71 s of CPU, start-up and evaluations
-included; 101 s of CPU on a machine at load 7; the former 440-step runlocal took 125 s of CPU): the L1 loss on normalised pixels falls from about 1.06 to about
-0.42; top-1 on the digits test split from the encoder's mean-pooled feature ('gap'), pretrained
-/ the same encoder at random init / raw pixels: k-NN 0.569 / 0.502 / 0.983, linear probe 0.707
-/ 0.636 / 0.973, 10-shot 0.552 / 0.424 / 0.879. The reconstructions are still blurry at this
-size and length.
+included; 101 s of CPU on a machine at load 7; the former 440-step runlocal took 125 s of CPU):
+the L1 loss on normalised pixels falls from about 1.06 to about 0.42; top-1 on the digits test
+split from the encoder's mean-pooled feature ('gap'), pretrained / the same encoder at random
+init / raw pixels: k-NN 0.569 / 0.502 / 0.983, linear probe 0.707 / 0.636 / 0.973, 10-shot 0.552
+/ 0.424 / 0.879. The reconstructions are still blurry at this size and length.
 
 The argument after ':' is a comma-separated list (big_vision style):
   variant=<Mu|T|S|B|L>       Swin size (default B; Mu with runlocal)

@@ -25,11 +25,11 @@ encoder, hence the smaller model):
   python -m mim_jax.main --config=configs/simmim_vit.py:runlocal --workdir=/tmp/simmim_vit_local
 
 Expected (measured: 38 s on an idle 2-core machine, 60 s of CPU, start-up and evaluations
-included; 107 s of CPU on a machine at load 7; the former 440-step runlocal took 124 s of CPU): the L1 loss falls from about 1.30 to about 0.41; top-1 on
-the digits test split from the mean-pooled patch tokens ('gap'; SimMIM trains no cls output),
-pretrained / the same encoder at random init / raw pixels: linear probe 0.882 / 0.859 / 0.973,
-10-shot 0.859 / 0.825 / 0.879, k-NN 0.684 / 0.727 / 0.983 (random ViT features already do well
-on digits).
+included; 107 s of CPU on a machine at load 7; the former 440-step runlocal took 124 s of CPU):
+the L1 loss falls from about 1.30 to about 0.41; top-1 on the digits test split from the
+mean-pooled patch tokens ('gap'; SimMIM trains no cls output), pretrained / the same encoder at
+random init / raw pixels: linear probe 0.882 / 0.859 / 0.973, 10-shot 0.859 / 0.825 / 0.879,
+k-NN 0.684 / 0.727 / 0.983 (random ViT features already do well on digits).
 
 Masks that think (each a config switch; mim_jax/methods/hpm.py, methods/teacher_attention.py):
 

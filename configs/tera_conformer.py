@@ -18,12 +18,12 @@ and cached; the micro Conformer Mu, 2 blocks of width 32; 175 steps of batch 64)
 
   python -m mim_jax.main --config=configs/tera_conformer.py:runlocal --workdir=/tmp/tera_local
 
-Expected (measured with the data cached: 76 s of CPU, evaluations included (73 s user + 3 s
-system; 6.6 min wall on a 2-core machine at load 15), so under 2 minutes on an idle 2-core
-machine; the former runlocal's Ti Conformer took 2.7 min wall there): the L1 loss on the
-altered positions falls from 1.11 to 0.71; top-1 on the 170 test utterances (17 eSpeak voices
-none of which is in the training split), from the mean of the second-to-last block's output
-over the real frames:
+Expected (measured with the data cached: 31 s on an idle 2-core machine; earlier, 76 s of CPU,
+evaluations included (73 s user + 3 s system; 6.6 min wall on a 2-core machine at load 15), so
+under 2 minutes on an idle 2-core machine; the former runlocal's Ti Conformer took 2.7 min wall
+there): the L1 loss on the altered positions falls from 1.11 to 0.71; top-1 on the 170 test
+utterances (17 eSpeak voices none of which is in the training split), from the mean of the
+second-to-last block's output over the real frames:
 
                      pretrained   random init   log-mel mean + std
     k-NN               0.818        0.435         0.776

@@ -20,12 +20,12 @@ and cached; the micro Conformer Mu, 2 blocks of width 32, one per module; 175 st
   python -m mim_jax.main --config=configs/w2v_bert_conformer.py:runlocal \
       --workdir=/tmp/w2v_bert_local
 
-Expected (measured with the data cached: 100 s of CPU, evaluations included (96 s user + 4 s
-system; 12 min wall on a 2-core machine at load 15-20), so under 2 minutes on an idle 2-core
-machine; the former runlocal's Ti Conformer took 2.9 min wall there): the loss falls from 10.9
-to 8.4 (contrastive 4.72 -> 4.03, masked prediction 6.16 -> 4.35, its accuracy 0 -> 0.24);
-top-1 on the test speakers' digits, from the mean of the second-to-last block's output (Mu's
-contrastive block) over the real frames:
+Expected (measured with the data cached: 44 s on an idle 2-core machine; earlier, 100 s of CPU,
+evaluations included (96 s user + 4 s system; 12 min wall on a 2-core machine at load 15-20), so
+under 2 minutes on an idle 2-core machine; the former runlocal's Ti Conformer took 2.9 min wall
+there): the loss falls from 10.9 to 8.4 (contrastive 4.72 -> 4.03, masked prediction 6.16 ->
+4.35, its accuracy 0 -> 0.24); top-1 on the test speakers' digits, from the mean of the
+second-to-last block's output (Mu's contrastive block) over the real frames:
 
                  pretrained   random init   log-mel mean + std
   k-NN              0.765        0.435          0.776

@@ -18,12 +18,12 @@ and cached; the micro Conformer Mu, 2 blocks of width 32; 175 steps of batch 64)
   python -m mim_jax.main --config=configs/wav2vec2_conformer.py:runlocal \
       --workdir=/tmp/wav2vec2_local
 
-Expected (measured with the data cached: 96 s of CPU, evaluations included (92 s user + 3 s
-system; 7.2 min wall on a 2-core machine at load 15), so under 2 minutes on an idle 2-core
-machine; the former runlocal's Ti Conformer took 2.6 min wall there): the loss falls from
-4.72 (about ln 101, chance among the positive and K = 100 distractors) to 3.73, the contrastive
-accuracy rises from 0.20 to 0.45; top-1 on the test speakers' digits, from the mean of the
-second-to-last block's output over the real frames:
+Expected (measured with the data cached: 46 s on an idle 2-core machine; earlier, 96 s of CPU,
+evaluations included (92 s user + 3 s system; 7.2 min wall on a 2-core machine at load 15), so
+under 2 minutes on an idle 2-core machine; the former runlocal's Ti Conformer took 2.6 min wall
+there): the loss falls from 4.72 (about ln 101, chance among the positive and K = 100
+distractors) to 3.73, the contrastive accuracy rises from 0.20 to 0.45; top-1 on the test
+speakers' digits, from the mean of the second-to-last block's output over the real frames:
 
                  pretrained   random init   log-mel mean + std
   k-NN              0.688        0.435          0.776

@@ -54,13 +54,11 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# mim_jax's train step, then its PyTorch peer (benchmarks/torch_mae.py: the same model, batch
-# and mask ratio, eager and torch.compile) on the same config, one after the other, then a line
-# with mim_jax's throughput over each of torch's. BENCH_CONFIG picks another config.
+# mim_jax's train step against its PyTorch peer (benchmarks/torch_mae.py: the same model, batch
+# and mask ratio, eager and torch.compile) on the same config, in alternating timed rounds
+# (benchmarks/compare.py), then a line with mim_jax's throughput over each of torch's: the
+# median of the rounds' ratios and their range. BENCH_CONFIG picks another config.
 BENCH_CONFIG ?= configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128
-BENCH_OUT ?= workdirs/bench_mim_jax.json
+BENCH_ROUNDS ?= 5
 bench: $(VENV)/.installed
-	@mkdir -p $(dir $(BENCH_OUT))
-	$(PY) -m mim_jax.bench --config=$(BENCH_CONFIG) > $(BENCH_OUT)
-	@cat $(BENCH_OUT)
-	$(PY) -m benchmarks.torch_mae --config=$(BENCH_CONFIG) --against=$(BENCH_OUT)
+	$(PY) -m benchmarks.compare --config=$(BENCH_CONFIG) --rounds=$(BENCH_ROUNDS)

@@ -3,9 +3,10 @@ eager mode and under torch.compile the way `python -m mim_jax.bench` times mim_j
 
   python -m benchmarks.torch_mae \
       --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128 \
-      [--steps=20] [--warmup=5] [--modes=eager,compiled] [--against=FILE]
+      [--steps=20] [--warmup=5] [--modes=eager,compiled] [--serve]
 
-`make bench` runs mim_jax's bench and then this, on the same config argument, and ends with the
+`make bench` runs mim_jax's bench and this, one process per mode, on the same config argument,
+in alternating rounds (`python -m benchmarks.compare`, through --serve), and ends with the
 ratios of their throughputs. The sizes are read from that config file (ml_collections) and from
 mim_jax's own variant table, so the two cannot drift apart: encoder variant, decoder depth and
 width, heads, image size, channels, batch, mask ratio, norm-pix loss, exact or tanh GELU and
@@ -34,8 +35,8 @@ Both modes run on the CPU with torch.set_num_threads(the cores this process may 
 mim_jax.bench does (this model trains at the peak lr from the first step, where mim_jax's bench
 follows the warmup: the losses printed differ, the work does not). Prints one JSON line
 per mode: images_per_sec, step_ms, first_step_s (the untimed first step, which compiles under
-torch.compile), loss, threads and torch's version; with --against=FILE (a file whose last line
-is mim_jax.bench's JSON line) a last line with mim_jax's images_per_sec over each mode's.
+torch.compile), loss, threads and torch's version. With --serve (one mode), it then times more
+steps on request (mim_jax/timed_rounds.py).
 """
 
 import dataclasses
@@ -43,6 +44,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import ml_collections
 import torch
@@ -54,6 +56,7 @@ from torch.nn import functional as F
 
 from mim_jax import errors
 from mim_jax import masking
+from mim_jax import timed_rounds
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -246,9 +249,11 @@ def adamw(model: nn.Module, s: Sizes) -> torch.optim.AdamW:
 # Timing.
 # ---------------------------------------------------------------------------------------------
 
-def time_mode(s: Sizes, mode: str, steps: int, warmup: int) -> dict[str, float]:
+def time_mode(s: Sizes, mode: str, steps: int, warmup: int
+              ) -> tuple[dict[str, float], Callable[[int], torch.Tensor]]:
   """Trains a fresh model (seed 0) on a fixed batch: one untimed first step (compilation under
-  torch.compile), `warmup` untimed steps, then `steps` timed ones. Returns the figures."""
+  torch.compile), `warmup` untimed steps, then `steps` timed ones. Returns the figures, and a
+  function that runs more steps (what --serve times)."""
   torch.manual_seed(0)
   model = MAE(s)
   opt = adamw(model, s)
@@ -266,33 +271,21 @@ def time_mode(s: Sizes, mode: str, steps: int, warmup: int) -> dict[str, float]:
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 
+  def run_steps(count: int) -> torch.Tensor:
+    for _ in range(count):
+      loss = step()
+    return loss
+
   start = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - start
   for _ in range(warmup):
     step()
   start = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
+  loss = run_steps(steps)
   step_s = (time.perf_counter() - start) / steps
   return {"images_per_sec": round(s.batch_size / step_s, 2), "step_ms": round(1e3 * step_s, 2),
-          "first_step_s": round(first_step_s, 2), "loss": loss.item()}
-
-
-def read_bench_line(path: str) -> dict:
-  """The last line of `path` as mim_jax.bench's JSON; ValueError naming the file otherwise."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--against={path}: no such file; write it with `python -m "
-                            f"mim_jax.bench ... > {path}`")
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
-  try:
-    row = json.loads(lines[-1])
-    return {"images_per_sec": float(row["images_per_sec"])}
-  except (IndexError, ValueError, KeyError, TypeError):
-    raise ValueError(f"--against={path}: its last line is not mim_jax.bench's JSON line with "
-                     f"images_per_sec; write it with `python -m mim_jax.bench ... > {path}`"
-                     ) from None
+          "first_step_s": round(first_step_s, 2), "loss": loss.item()}, run_steps
 
 
 @errors.reporting
@@ -301,23 +294,20 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bad := [m for m in flags.FLAGS.modes if m not in MODES]:
     raise ValueError(f"--modes: unknown {bad}; valid: {', '.join(MODES)}")
-  against = flags.FLAGS.against
-  mim_jax = read_bench_line(against) if against else None  # fail before timing
+  if flags.FLAGS.serve and len(flags.FLAGS.modes) != 1:
+    raise ValueError(f"--serve times one mode per process; got --modes="
+                     f"{','.join(flags.FLAGS.modes)}")
   sizes = Sizes.from_config(flags.FLAGS.config)
   threads = flags.FLAGS.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   config_arg = next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), "")
-  rates = {}
   for mode in flags.FLAGS.modes:
-    row = time_mode(sizes, mode, flags.FLAGS.steps, flags.FLAGS.warmup)
-    rates[mode] = row["images_per_sec"]
+    row, run_steps = time_mode(sizes, mode, flags.FLAGS.steps, flags.FLAGS.warmup)
     print(json.dumps({"impl": "torch", "mode": mode, "config": config_arg,
                       "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
                       "torch": torch.__version__, "threads": threads, **row}), flush=True)
-  if mim_jax is not None:
-    print(json.dumps({"mim_jax_images_per_sec": mim_jax["images_per_sec"],
-                      **{f"mim_jax_over_torch_{mode}": round(mim_jax["images_per_sec"] / rate, 3)
-                         for mode, rate in rates.items()}}))
+  if flags.FLAGS.serve:
+    timed_rounds.serve(run_steps)
 
 
 if __name__ == "__main__":
@@ -331,7 +321,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0 = the cores this process "
                        "may use. On a busy machine 1 may time better: torch's OpenMP "
                        "threads wait for each other at every op.")
-  flags.DEFINE_string("against", "", "A file whose last line is mim_jax.bench's JSON "
-                      "line: prints mim_jax's throughput over each mode's.")
+  flags.DEFINE_bool("serve", False, "After the JSON line, time more steps of the one mode "
+                    "on request, one count per line of stdin (mim_jax/timed_rounds.py; "
+                    "benchmarks/compare.py drives it).")
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=errors.parse_flags)

@@ -27,6 +27,10 @@ predictor over the whole image, or the teacher's forward, then the argsort.
 profile plugin or xprof reads it) and writes the compiled step's HLO text next to it:
 `python -m benchmarks.trace_breakdown --profile=DIR` sums the trace's time by kind of op.
 
+`--serve` then keeps the compiled step and times more of it on request, one count of steps per
+line of stdin, one JSON line back each (mim_jax/timed_rounds.py): `python -m benchmarks.compare`
+(what `make bench` runs) alternates rounds of this and of the PyTorch peer that way.
+
 `--mode=data` times the input pipeline instead, with no model: this host's train iterator
 (mim_jax/data/pipeline.py: source, shuffle, MAE's augmentation, batching) for the config's image
 size and per-host batch, on each of digits, a folder of JPEGs written for the run
@@ -42,7 +46,7 @@ import resource
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -63,6 +67,7 @@ from mim_jax import methods
 from mim_jax import models
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import timed_rounds
 from mim_jax import train
 from mim_jax.data import pipeline
 
@@ -76,6 +81,9 @@ _MODE = flags.DEFINE_enum("mode", "step", ["step", "data"], "step: the train ste
                           "batch; data: the input pipeline alone.")
 _PROFILE = flags.DEFINE_string("profile", "", "step mode: write a jax.profiler trace of "
                                "PROFILE_STEPS more steps to this directory.")
+_SERVE = flags.DEFINE_bool("serve", False, "step mode: after the JSON line, time more steps "
+                           "on request, one count per line of stdin (mim_jax/timed_rounds.py; "
+                           "benchmarks/compare.py drives it).")
 _DATA_SOURCES = flags.DEFINE_list("data_sources", "digits,folder,synthetic", "data mode: "
                                   "sources to time; 'folder' is the JPEG folder written here.")
 _DATA_WORKERS = flags.DEFINE_list("data_workers", "0,2", "data mode: data.num_workers values.")
@@ -142,8 +150,10 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   return batch
 
 
-def step_bench(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """The figures of the train step (see the module docstring)."""
+def step_bench(config: ml_collections.ConfigDict
+               ) -> tuple[dict[str, float], Callable[[int], None]]:
+  """The figures of the train step (see the module docstring), and a function that runs more
+  steps of it, returning once they have finished (what --serve times)."""
   mesh = sharding.make_mesh()
   model = methods.build(config)
   tx = optim.build(config)
@@ -156,22 +166,24 @@ def step_bench(config: ml_collections.ConfigDict) -> dict[str, float]:
   compiled = train_step.lower(state, batch, train_rng).compile()
   compile_s = time.perf_counter() - start
 
-  for _ in range(_WARMUP.value):
-    state, _ = compiled(state, batch, train_rng)
-  jax.block_until_ready(state)
+  metrics = None
+
+  def run_steps(steps: int) -> None:
+    nonlocal state, metrics
+    for _ in range(steps):
+      state, metrics = compiled(state, batch, train_rng)
+    jax.block_until_ready((state, metrics))
+
+  run_steps(_WARMUP.value)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state, metrics = compiled(state, batch, train_rng)
-  jax.block_until_ready((state, metrics))
+  run_steps(_STEPS.value)
   step_s = (time.perf_counter() - start) / _STEPS.value
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
   if _PROFILE.value:  # after the timed steps, so tracing does not slow what is reported
     with jax.profiler.trace(_PROFILE.value):
-      for _ in range(PROFILE_STEPS):
-        state, metrics = compiled(state, batch, train_rng)
-      jax.block_until_ready((state, metrics))
+      run_steps(PROFILE_STEPS)
     # The optimised program, whose instruction names the trace's events carry (with the jax
     # op and module path of each as metadata): what a breakdown of the trace reads.
     with open(os.path.join(_PROFILE.value, HLO_FILE), "w", encoding="utf-8") as f:
@@ -198,7 +210,7 @@ def step_bench(config: ml_collections.ConfigDict) -> dict[str, float]:
       "achieved_flops_per_sec": achieved, "peak_flops_per_sec": peak,
       "mfu": round(achieved / peak, 4),
       "page_faults_per_step": faults // _STEPS.value, **masks,
-  }
+  }, run_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +285,17 @@ def main(argv: list[str]) -> None:
   config_validation.validate(config)
   run = {"config": next((a.partition(":")[2] for a in sys.argv if a.startswith("--config=")), ""),
          "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")]}
-  rows = data_bench(config) if _MODE.value == "data" else [step_bench(config)]
-  for row in rows:
-    print(json.dumps({**run, **row}), flush=True)
+  if _MODE.value == "data":
+    if _SERVE.value:
+      raise ValueError("--serve times rounds of the train step; it does not apply to "
+                       "--mode=data")
+    for row in data_bench(config):
+      print(json.dumps({**run, **row}), flush=True)
+    return
+  row, run_steps = step_bench(config)
+  print(json.dumps({**run, **row}), flush=True)
+  if _SERVE.value:
+    timed_rounds.serve(run_steps)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 throughput is the batch over the step time, MFU the achieved over the peak FLOP/s, and the
 mask's share its own time over the step's; --profile writes a trace; --mode=data prints one line
 per input source. The PyTorch peer of `make bench` (benchmarks/torch_mae.py) is the same model
-and optimizer as mim_jax's MAE, and prints the ratio line. (The numbers are measurements, so
+and optimizer as mim_jax's MAE, and benchmarks/compare.py times both in alternating rounds. (The numbers are measurements, so
 only their relations are tested; bench figures go in notes, not tests.)"""
 
+import io
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from mim_jax import masking
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import pretrained
+from mim_jax import timed_rounds
 
 
 def stdout_of(result) -> str:
@@ -120,16 +123,46 @@ def test_torch_peer_matches_mim_jax_loss_gradients_and_adamw_step(tmp_path):
   np.testing.assert_allclose(next_loss, next_loss_t.item(), rtol=1e-4)
 
 
-def test_torch_peer_cli_times_eager_and_prints_mim_jax_over_torch(tmp_path):
-  (tmp_path / "bench.json").write_text('{"images_per_sec": 50.0}\n')
-  result = run_module("benchmarks.torch_mae", f"--config=configs/mae_vit.py:{PEER_ARG}",
-                      "--modes=eager", "--steps=1", "--warmup=0",
-                      f"--against={tmp_path / 'bench.json'}")
-  eager, ratio = [json.loads(line) for line in stdout_of(result).splitlines()]
+def test_compare_alternates_rounds_of_mim_jax_and_the_torch_peer():
+  """`make bench`'s driver: both benchmarks print their own line, then each round times every
+  contender, and the last line's figures are the medians of the rounds'."""
+  result = run_module("benchmarks.compare", f"--config=configs/mae_vit.py:{PEER_ARG}",
+                      "--modes=eager", "--rounds=3", "--steps=1", "--warmup=0", timeout=240)
+  mim_jax, eager, *rounds, last = [json.loads(line) for line in stdout_of(result).splitlines()]
+  assert mim_jax["devices"] == 1 and mim_jax["images_per_sec"] > 0
   assert eager["mode"] == "eager" and eager["threads"] >= 1
   assert eager["images_per_sec"] == pytest.approx(16 / (eager["step_ms"] / 1e3), rel=0.02)
-  assert ratio["mim_jax_over_torch_eager"] == pytest.approx(
-      50.0 / eager["images_per_sec"], rel=0.01)
+  assert [r["round"] for r in rounds] == [0, 1, 2] and last["rounds"] == 3
+  assert all(r["mim_jax"] > 0 and r["torch_eager"] > 0 for r in rounds)
+  ratios = sorted(r["mim_jax"] / r["torch_eager"] for r in rounds)
+  assert last["mim_jax_over_torch_eager"] == pytest.approx(ratios[1], rel=0.01)
+  assert (last["mim_jax_over_torch_eager_min"], last["mim_jax_over_torch_eager_max"]) == (
+      pytest.approx(ratios[0], rel=0.01), pytest.approx(ratios[2], rel=0.01))
+  for name in ("mim_jax", "torch_eager"):
+    assert last[f"{name}_images_per_sec"] == pytest.approx(
+        sorted(r[name] for r in rounds)[1], rel=0.01)
+
+
+def test_timed_rounds_answer_each_count_with_its_time_per_step():
+  calls = []
+  answers = io.StringIO()
+  timed_rounds.serve(lambda steps: calls.append(steps) or time.sleep(0.01 * steps),
+                     stdin=io.StringIO("2\n3\n"), stdout=answers)
+  rows = [json.loads(line) for line in answers.getvalue().splitlines()]
+  assert calls == [2, 3] and [r["steps"] for r in rows] == [2, 3]
+  assert all(0.01 <= r["step_s"] < 0.5 for r in rows)
+  with pytest.raises(ValueError, match="positive number of steps.*'two'"):
+    timed_rounds.serve(lambda steps: None, stdin=io.StringIO("two\n"), stdout=io.StringIO())
+
+
+def test_serve_refuses_what_it_cannot_time():
+  bench = run_module("mim_jax.bench", f"--config=configs/mae_vit.py:{MICRO_MAE}", "--mode=data",
+                     "--serve")
+  assert bench.returncode == 1 and "--serve times rounds of the train step" in bench.stderr
+  peer = run_module("benchmarks.torch_mae", f"--config=configs/mae_vit.py:{PEER_ARG}",
+                    "--modes=eager,compiled", "--serve")
+  assert peer.returncode == 1 and "--serve times one mode per process" in peer.stderr
+  assert "Traceback" not in bench.stderr + peer.stderr
 
 
 def test_torch_peer_refuses_what_it_does_not_implement():

@@ -16,7 +16,7 @@ FLOORS = {
     # The bottom: no mim_jax imports, or only each other.
     "registry": 0, "tree_paths": 0, "pth": 0, "mixup": 0, "progress": 0, "final_results": 0,
     "metric_writer": 0, "errors": 0, "workdir_lock": 0, "checkpoint_damage": 0, "preemption": 0,
-    "color_noise": 0, "layer_layout": 0, "compile_options": 0,
+    "color_noise": 0, "layer_layout": 0, "compile_options": 0, "timed_rounds": 0,
     # Building blocks.
     "sharding": 1, "checkpoint": 1, "disk_full": 1, "optim": 1, "masking": 1, "frame_masking": 1,
     "data": 1,

@@ -7,8 +7,12 @@ the step 1.75x slower. Measured in one process, interleaved, on a 2-core CPU, MA
 config (`make bench`): compile 9.7 s at -O1 against 12.3 s at -O3, step time ratio 0.99 (noise),
 and the loss after 18 steps bit-identical; the runlocal step compiles in 8.2 s against 11.3 s.
 Accelerators keep XLA's defaults: there this level also drives the device code.
+
+An option that XLA_FLAGS sets is left to it: the test suite compiles everything at -O0
+(tests/conftest.py), which compiles faster still for programs that run only a few steps.
 """
 
+import os
 from typing import Any
 
 import jax
@@ -17,5 +21,9 @@ CPU = {"xla_backend_optimization_level": 1}
 
 
 def for_default_backend() -> dict[str, Any]:
-  """The options for jax.jit(..., compiler_options=...) on the default backend."""
-  return dict(CPU) if jax.default_backend() == "cpu" else {}
+  """The options for jax.jit(..., compiler_options=...) on the default backend, less those that
+  the XLA_FLAGS environment variable sets (a per-jit option would override it)."""
+  if jax.default_backend() != "cpu":
+    return {}
+  from_env = os.environ.get("XLA_FLAGS", "")
+  return {name: value for name, value in CPU.items() if f"--{name}=" not in from_env}

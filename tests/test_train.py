@@ -25,6 +25,7 @@ import pytest
 
 from configs import mae_vit
 from mim_jax import checkpoint
+from mim_jax import compile_options
 from mim_jax import config_validation
 from mim_jax import methods
 from mim_jax import models
@@ -187,6 +188,15 @@ def test_the_random_init_baseline_is_the_states_init_compiled_once():
       jax.tree.map(lambda a: True, again)
   assert int(state.step) == 0
   assert all(not np.any(x) for x in jax.tree.leaves(state.opt_state) if x.ndim)  # Adam's moments
+
+
+def test_cpu_compile_options_leave_what_xla_flags_sets_to_it(monkeypatch):
+  """The trainer's jits compile at LLVM -O1 on a CPU, unless XLA_FLAGS sets the level: the
+  suite's -O0 (conftest) must reach the train step, whose per-jit option would override it."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert compile_options.for_default_backend() == {"xla_backend_optimization_level": 1}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  assert compile_options.for_default_backend() == {}
 
 
 @pytest.fixture(scope="module")

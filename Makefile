@@ -59,6 +59,6 @@ test: $(VENV)/.installed
 # (benchmarks/compare.py), then a line with mim_jax's throughput over each of torch's: the
 # median of the rounds' ratios and their range. BENCH_CONFIG picks another config.
 BENCH_CONFIG ?= configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128
-BENCH_ROUNDS ?= 5
+BENCH_ROUNDS ?= 10
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.compare --config=$(BENCH_CONFIG) --rounds=$(BENCH_ROUNDS)

@@ -2,7 +2,7 @@ r"""mim_jax's MAE train step against its PyTorch peer, timed in alternating roun
 
   python -m benchmarks.compare \
       --config=configs/mae_vit.py:variant=Ti/4,decoder=4x128,image_size=32,batch_size=128 \
-      [--rounds=5] [--steps=5] [--modes=eager,compiled]
+      [--rounds=10] [--steps=3] [--modes=eager,compiled]
 
 What `make bench` runs. It starts `python -m mim_jax.bench` and one `python -m
 benchmarks.torch_mae` per PyTorch mode, each with --serve and the same config argument, one at a
@@ -32,8 +32,8 @@ from mim_jax import errors
 
 _CONFIG = flags.DEFINE_string("config", None, "An MAE config argument as mim_jax.bench takes "
                               "it, e.g. configs/mae_vit.py:variant=Ti/4,batch_size=128.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs every contender once.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per contender per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds; each runs every contender once.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per contender per round.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps of each contender before its own "
                                "first figures (and after its compilation).")
 _MODES = flags.DEFINE_list("modes", "eager,compiled", "PyTorch modes to compare with, any of "

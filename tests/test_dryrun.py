@@ -39,13 +39,14 @@ def mae_vit_params(variant: str, decoder_depth: int = 8, decoder_width: int = 51
   return encoder + decoder
 
 
-# H/14 with its layers scanned, as a run that big would be: the plan of a scanned step compiles
-# in 7 s against 22 unrolled, and the counts below hold for either layout.
-@pytest.mark.parametrize("variant,scan", [("L/16", False), ("H/14", True)])
-def test_mae_plan_with_fsdp_matches_a_hand_count(variant, scan):
+# Layers scanned, as runs this big would be: the plan of a scanned step compiles in 7-9 s against
+# 19-22 s unrolled (on one idle core; 30-50 s beside another test worker). The counts below hold
+# for either layout; tests/test_sharding.py runs FSDP on unrolled layers.
+@pytest.mark.parametrize("variant", ["L/16", "H/14"])
+def test_mae_plan_with_fsdp_matches_a_hand_count(variant):
   config = mae_vit.get_config(f"variant={variant},batch_size={BATCH},data=synthetic")
   config.sharding.fsdp = True
-  config.model.scan_layers = scan
+  config.model.scan_layers = True
   row = dryrun.plan(config, device_memory=80 * 2 ** 30)
   params = mae_vit_params(variant)
   assert row["devices"] == DEVICES and row["params"] == params
@@ -65,9 +66,8 @@ def test_mae_plan_with_fsdp_matches_a_hand_count(variant, scan):
   # Only small leaves (biases, norms, tokens) stay whole on every device; a scanned loop's
   # stacked leaf [depth, ...] is held to that size per layer (sharding._fsdp_spec_of).
   largest = row["largest_unsharded"]
-  per_layer = largest["bytes"] // (largest["shape"][0] if scan else 1)
-  assert per_layer < config.sharding.fsdp_min_size * F32, largest
-  assert ("stacked_blocks" in largest["name"]) == scan, largest
+  assert "stacked_blocks" in largest["name"], largest
+  assert largest["bytes"] // largest["shape"][0] < config.sharding.fsdp_min_size * F32, largest
   assert row["train_flops_per_step"] > 0 and row["compile_s"] > 0
 
   lines = dryrun.report(row).splitlines()

@@ -26,8 +26,11 @@ instructions fused into it count, and the first kind below that any of them has 
   elementwise   the rest of the model's arithmetic: residual adds, the loss, position tables
   copy          copies, transposes, concatenations and broadcasts alone (layout changes)
 Prints one JSON line per kind (ms per step summed over threads, i.e. CPU time, and its share
-of all instructions' time), then one with the step's wall time and the busiest instructions
-outside matmuls.
+of all instructions' time), then one with the step's wall time (first instruction's start to
+last one's end), its busy time (when at least one instruction runs; the rest is dispatch gaps),
+the instructions' summed time (above the busy time by what XLA's runtime ran concurrently,
+which then shared the cores: a matmul beside another reads slower here than it is alone) and
+the busiest instructions outside matmuls.
 """
 
 import collections
@@ -128,6 +131,16 @@ def parse_hlo(text: str) -> dict[str, str]:
   return kinds
 
 
+def covered(spans: list[tuple[float, float]]) -> float:
+  """The time during which at least one of the (start, end) spans runs: their union's length."""
+  length, reach = 0.0, float("-inf")
+  for start, end in sorted(spans):
+    if end > reach:
+      length += end - max(start, reach)
+      reach = end
+  return length
+
+
 def breakdown(directory: str, top: int) -> list[dict]:
   """The rows printed for the profile in `directory` (see the module docstring)."""
   hlo_path = os.path.join(directory, HLO_FILE)
@@ -159,10 +172,11 @@ def breakdown(directory: str, top: int) -> list[dict]:
           for k in KINDS]
   wall = sum(max(end for _, end in spans) - min(start for start, _ in spans)
              for spans in runs.values())
+  busy = sum(covered(spans) for spans in runs.values())
   busiest = [{"instruction": name, "kind": kinds[name], "ms_per_step": ms(us)}
              for name, us in per_op.most_common() if kinds[name] != "matmul"][:top]
-  rows.append({"steps": steps, "wall_ms_per_step": ms(wall), "instructions_ms_per_step": ms(total),
-               "busiest_non_matmul": busiest})
+  rows.append({"steps": steps, "wall_ms_per_step": ms(wall), "busy_ms_per_step": ms(busy),
+               "instructions_ms_per_step": ms(total), "busiest_non_matmul": busiest})
   return rows
 
 

@@ -52,6 +52,8 @@ def test_bench_prints_consistent_figures_with_the_masks_share_and_writes_a_trace
   *kinds, summary = [json.loads(line) for line in stdout_of(
       run_module("benchmarks.trace_breakdown", f"--profile={tmp_path}")).splitlines()]
   assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
+  assert 0 < summary["busy_ms_per_step"] <= min(summary["wall_ms_per_step"],
+                                                summary["instructions_ms_per_step"]) + 0.01
   assert sum(k["share"] for k in kinds) == pytest.approx(1, abs=1e-3)
   assert {k["kind"] for k in kinds if k["share"] > 0} >= {"matmul", "layer norm", "optimizer"}
 

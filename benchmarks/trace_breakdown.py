@@ -157,11 +157,16 @@ def breakdown(directory: str, top: int) -> list[dict]:
     events = [e for e in json.load(f)["traceEvents"]
               if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == module]
   runs = collections.defaultdict(list)  # run_id -> (start, end) of its events: one step each
+  # run_id -> the spans of the instructions counted below (a while loop or call, whose body's
+  # instructions have their own events, is left out, as from the sums).
+  counted = collections.defaultdict(list)
   per_kind, per_op = collections.Counter(), collections.Counter()
   for e in events:
-    runs[e["args"]["run_id"]].append((e["ts"], e["ts"] + e["dur"]))
+    span = (e["ts"], e["ts"] + e["dur"])
+    runs[e["args"]["run_id"]].append(span)
     name = e["args"]["hlo_op"]
     if name in kinds:
+      counted[e["args"]["run_id"]].append(span)
       per_kind[kinds[name]] += e["dur"]
       per_op[name] += e["dur"]
   steps, total = len(runs), sum(per_kind.values())
@@ -172,7 +177,7 @@ def breakdown(directory: str, top: int) -> list[dict]:
           for k in KINDS]
   wall = sum(max(end for _, end in spans) - min(start for start, _ in spans)
              for spans in runs.values())
-  busy = sum(covered(spans) for spans in runs.values())
+  busy = sum(covered(spans) for spans in counted.values())
   busiest = [{"instruction": name, "kind": kinds[name], "ms_per_step": ms(us)}
              for name, us in per_op.most_common() if kinds[name] != "matmul"][:top]
   rows.append({"steps": steps, "wall_ms_per_step": ms(wall), "busy_ms_per_step": ms(busy),

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import IO
 
 from absl import app
 from absl import flags
@@ -59,8 +58,7 @@ class Contender:
     self.batch = round(self.first["images_per_sec"] * self.first["step_ms"] / 1e3)
 
   def _read_line(self) -> dict:
-    stdout: IO[str] = self.process.stdout
-    line = stdout.readline()
+    line = self.process.stdout.readline()
     if not line:
       code = self.process.wait()
       raise ValueError(f"{self.name}: the benchmark process exited with code {code} before "

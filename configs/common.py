@@ -87,8 +87,14 @@ def data_config(name: str) -> ml_collections.ConfigDict:
   d.hflip = not digits           # Digits are not mirror-symmetric.
   d.mean = (0.5,) if digits else RGB_MEAN
   d.std = (0.5,) if digits else RGB_STD
-  d.on_corrupt = "error"         # folder sources: 'error' stops on an undecodable file,
-                                 # 'skip' counts it.
+  add_reading_fields(d)
+  return d
+
+
+def add_reading_fields(d: ml_collections.ConfigDict) -> None:
+  """The fields of how a source is read, the same for images and audio (configs/speech.py)."""
+  d.on_corrupt = "error"         # folder sources: 'error' stops on an unreadable or undecodable
+                                 # file, 'skip' counts it.
   d.holdout = 0.05               # folder sources without split folders: this share of each
                                  # class is held out of data.split as the eval split (0 = refuse
                                  # to evaluate: never evaluate on the training files).
@@ -99,7 +105,6 @@ def data_config(name: str) -> ml_collections.ConfigDict:
   d.prefetch_batches = 0         # Batches read ahead; 0 = one per read thread, the least that
                                  # keeps each busy. grain's default, 500, holds 500 batches in
                                  # memory and, on a small CPU, fights the first compile for cores.
-  return d
 
 
 def vit_model_config(variant: str, posemb: str) -> ml_collections.ConfigDict:

@@ -33,18 +33,7 @@ def audio_data_config(name: str, *, clip_seconds: float) -> ml_collections.Confi
                                  # compiled step; `audio_len` carries the real length, and the
                                  # padding is masked in the front end, model, masks and loss.
   d.num_classes = 10 if digits else 1
-  d.on_corrupt = "error"         # folder sources: 'error' stops on an unreadable file,
-                                 # 'skip' counts it.
-  d.holdout = 0.05               # folder sources without split folders: this share of each
-                                 # class is held out of data.split as the eval split (0 = refuse
-                                 # to evaluate: never evaluate on the training files).
-  d.tfds_data_dir = ""           # '' = tfds default (~/tensorflow_datasets).
-  d.num_workers = 0              # grain worker processes; 0 reads in the training process.
-  d.read_threads = 0             # Threads reading and augmenting batches (in each worker, if
-                                 # any); 0 = one per CPU core, at most 16 (grain's default).
-  d.prefetch_batches = 0         # Batches read ahead; 0 = one per read thread, the least that
-                                 # keeps each busy. grain's default, 500, holds 500 batches in
-                                 # memory and, on a small CPU, fights the first compile for cores.
+  common.add_reading_fields(d)
   return d
 
 

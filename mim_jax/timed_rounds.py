@@ -18,10 +18,10 @@ import time
 from typing import Callable, TextIO
 
 
-def serve(run_steps: Callable[[int], None], stdin: TextIO = sys.stdin,
+def serve(run_steps: Callable[[int], object], stdin: TextIO = sys.stdin,
           stdout: TextIO = sys.stdout) -> None:
   """Answers each line `n` of `stdin` with the time per step of `run_steps(n)`, which must
-  return once its n steps have finished. Returns when stdin closes; ValueError on a line that
+  return once its n steps have finished (what it returns is ignored). Returns when stdin closes; ValueError on a line that
   is not a positive integer."""
   for line in stdin:
     try:

@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= workdirs/demo
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench libtpu clean-demo
 
 # glibc malloc settings for JAX on CPU. XLA's CPU runtime allocates a train step's temporaries
 # as one large block per step (1.26 GB for MAE Ti/4 at batch 128) and frees it afterwards; by
@@ -27,6 +27,16 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# libtpu, TPU's runtime and compiler, for `mim_jax.tools.dryrun --topology=...`: plans for a TPU
+# slice compiled by TPU's own compiler on this host, no TPU needed. It lives outside the venv:
+# installed there, every JAX process on a TPU-less host would look for a TPU first (2 s and an
+# error in the log). `make test` installs it, for tests/test_dryrun.py.
+LIBTPU := .libtpu
+libtpu: $(LIBTPU)/.installed
+$(LIBTPU)/.installed: requirements-libtpu.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(LIBTPU) -r requirements-libtpu.txt
 	touch $@
 
 # A fresh run each time: the demo is a showcase, not a resumable job. It pretrains MAE, then
@@ -51,7 +61,7 @@ demo: $(VENV)/.installed
 # --dist loadfile keeps each test file on one worker, so a module-scoped fixture (a shared
 # trained state, say) is built once rather than once per worker.
 TEST_WORKERS ?= 2
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(LIBTPU)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # mim_jax's train step against its PyTorch peer (benchmarks/torch_mae.py: the same model, batch

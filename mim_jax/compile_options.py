@@ -20,10 +20,13 @@ import jax
 CPU = {"xla_backend_optimization_level": 1}
 
 
-def for_default_backend() -> dict[str, Any]:
-  """The options for jax.jit(..., compiler_options=...) on the default backend, less those that
-  the XLA_FLAGS environment variable sets (a per-jit option would override it)."""
-  if jax.default_backend() != "cpu":
+def for_platform(platform: str | None = None) -> dict[str, Any]:
+  """The options for jax.jit(..., compiler_options=...) compiling for `platform` ('cpu', 'gpu',
+  'tpu'; the default backend's when None), less those that the XLA_FLAGS environment variable
+  sets (a per-jit option would override it). The platform is the devices' the program runs on,
+  which is not the default backend's when mim_jax.tools.dryrun plans for a TPU topology from a
+  CPU host."""
+  if (platform or jax.default_backend()) != "cpu":
     return {}
   from_env = os.environ.get("XLA_FLAGS", "")
   return {name: value for name, value in CPU.items() if f"--{name}=" not in from_env}

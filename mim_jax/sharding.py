@@ -10,7 +10,7 @@ specific tensor without touching the trainer.
 """
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -28,11 +28,16 @@ FSDP_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
-def make_mesh() -> jax.sharding.Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The data axis over `devices`, every device of every process by default (the devices of a
+  TPU topology with no TPU attached, when mim_jax.tools.dryrun plans for one)."""
   # Auto axes: jit's sharding propagation places intermediates; only inputs, outputs and
   # parameters carry explicit shardings (JAX's default for make_mesh is now Explicit).
-  return jax.make_mesh((jax.device_count(),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), (AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), (AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

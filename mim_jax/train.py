@@ -70,7 +70,7 @@ def param_initializer(model: nn.Module, config: ml_collections.ConfigDict,
   no second compile (5 CPU-s for a Ti encoder, a tenth of a CPU runlocal's evaluations)."""
   return jax.jit(lambda rng: methods.init_params(model, config, rng),
                  out_shardings=param_shardings,
-                 compiler_options=compile_options.for_default_backend())
+                 compiler_options=compile_options.for_platform())
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -161,7 +161,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, state_sh
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(state_shardings, repl), donate_argnums=0,
-                 compiler_options=compile_options.for_default_backend())
+                 compiler_options=compile_options.for_platform(mesh.devices.flat[0].platform))
 
 
 def device_batch(host_batch: dict[str, Any], inputs: dict[str, jax.ShapeDtypeStruct],

@@ -1,7 +1,11 @@
 """The dry-run memory planner (mim_jax/tools/dryrun.py): MAE ViT-L/16 and ViT-H/14 at 224 px
 compile for the 8 fake devices with FSDP, nothing allocated, and the memory XLA reports per
 device holds what a hand count of the parameters and Adam's state says; FSDP refuses a large
-parameter it cannot split, in one line from the command line."""
+parameter it cannot split, in one line from the command line. A TPU slice is planned by TPU's
+own compiler with no TPU (libtpu, which `make test` installs into .libtpu/)."""
+
+import json
+import re
 
 import jax
 import pytest
@@ -103,3 +107,51 @@ def test_device_memory_sizes():
   assert dryrun.parse_bytes("1024") == 1024
   with pytest.raises(ValueError, match="'16 gigs' is not a size"):
     dryrun.parse_bytes("16 gigs")
+
+
+# A micro MAE, its blocks scanned and rematerialised as a big run's would be. Its TPU compile
+# takes 12-15 s on 2 cores; README's remat table (L/16 on v5e:2x4) is measured, not run here:
+# a plan of a model big enough for remat to show took 40-130 s.
+MICRO = ("--config=configs/mae_vit.py:variant=Mu/4,decoder=1x32,image_size=16,batch_size=256,"
+         "data=synthetic")
+
+
+def test_plan_for_a_tpu_topology_without_a_tpu():
+  """From the command line, as a user plans for a v5e slice from a laptop: the step compiles
+  for the slice's 4 chips with TPU's compiler (libtpu, which `make test` installs), no TPU
+  attached, and the report is the TPU's."""
+  result = run_module("mim_jax.tools.dryrun", MICRO, "--topology=v5e:2x2", "--json",
+                      "--config.model.scan_layers=True", "--config.model.remat=full",
+                      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert (row["platform"], row["devices"], row["device_kind"], row["topology"]) == (
+      "tpu", 4, "TPU v5 lite", "v5e:2x2")
+  params = mae_vit_params("Mu/4", decoder_depth=1, decoder_width=32)
+  assert row["params"] == params and row["remat"] == "full"
+  # A TPU lays arrays out in tiles of 8 x 128, so the micro model's 64- and 32-wide arrays take
+  # up to twice their bytes (at L/16, 1024 wide, they match the count: README, "Scale out").
+  resident = 3 * params * F32 + 256 // 4 * 16 * 16 * 3 * F32
+  assert resident <= row["arguments"] <= 2 * resident
+  assert 0 < row["outputs"] - row["aliased"] < 0.01 * row["aliased"]  # the state donated
+  assert row["temporaries"] > 0 and row["fits"] and row["compile_s"] > 0
+  lines = dryrun.report(row).splitlines()
+  assert lines[0] == ("mae vit Mu/4, batch 256 on 4 tpu devices (TPU v5 lite, topology "
+                      "v5e:2x2, compiled without them), FSDP off")
+  assert not any("remat full is not in the temporaries" in line for line in lines)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--topology=v9z:2x2"], r"^error: --topology=v9z:2x2: .*TPU v9z.*; a TPU generation and its "
+                             r"chips, e\.g\. v5e:2x4"),
+    (["--topology=v5e:2x2", "--devices=8"], r"^error: --devices=8 but --topology=v5e:2x2 has 4 "
+                                             r"devices"),
+    (["--topology=v5e:2x2", "--platform=tpu"], r"^error: --topology=v5e:2x2 compiles for a TPU "
+                                                r"slice from this host; drop --platform=tpu"),
+])
+def test_bad_topology_is_one_line(flags, message):
+  result = run_module("mim_jax.tools.dryrun", MICRO, *flags)
+  assert result.returncode == 1 and re.search(message, result.stderr.strip().splitlines()[-1]), (
+      result.stderr[-2000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr

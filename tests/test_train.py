@@ -194,9 +194,10 @@ def test_cpu_compile_options_leave_what_xla_flags_sets_to_it(monkeypatch):
   """The trainer's jits compile at LLVM -O1 on a CPU, unless XLA_FLAGS sets the level: the
   suite's -O0 (conftest) must reach the train step, whose per-jit option would override it."""
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert compile_options.for_default_backend() == {"xla_backend_optimization_level": 1}
+  assert compile_options.for_platform() == {"xla_backend_optimization_level": 1}
+  assert compile_options.for_platform("tpu") == {}  # a CPU host planning for a TPU (dryrun)
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
-  assert compile_options.for_default_backend() == {}
+  assert compile_options.for_platform() == {}
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,21 @@ Prints one JSON line per kind (ms per step summed over threads, i.e. CPU time, a
 of all instructions' time), then one with the step's wall time (first instruction's start to
 last one's end), its busy time (when at least one instruction runs; the rest is dispatch gaps),
 the instructions' summed time (above the busy time by what XLA's runtime ran concurrently,
-which then shared the cores: a matmul beside another reads slower here than it is alone) and
-the busiest instructions outside matmuls.
+which then shared the cores: a matmul beside another reads slower here than it is alone), the
+busiest instructions outside matmuls, and the matmuls' own rate, for the dense dots (2-D: the
+projections and MLPs, their gradients) and the batched ones (attention's q k^T and weights @ v)
+apart: their FLOPs per step, read from the HLO (2 x output elements x contracted size), over
+the time at least one of them runs. On a CPU, XLA runs a dense layer's two gradient dots at
+once, one in YNNPACK and one in Eigen, so each alone reads half as fast in the trace; the
+union of their spans does not. With the step's FLOPs, that time bounds the MFU the step could
+reach if nothing but its matmuls took time.
 """
 
 import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 
@@ -64,6 +71,8 @@ _MOVES = {"parameter", "constant", "copy", "transpose", "bitcast", "reshape", "b
           "get-tuple-element", "iota", "reverse"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
 _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_SHAPE = re.compile(r"= \w+\[([\d,]*)\]")  # an instruction's (first) output shape
+_DOT = re.compile(r"\bdot\(%([\w.\-]+),.*?lhs_contracting_dims=\{([\d,]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
@@ -90,10 +99,28 @@ def kind_of_op(op_name: str) -> str:
   return "copy" if primitive in _LAYOUT or module.endswith("transpose") else "elementwise"
 
 
-def parse_hlo(text: str) -> dict[str, str]:
-  """{instruction name: kind} for every instruction of an HLO module's text."""
+def dims_of(line: str) -> list[int]:
+  """The dimensions of the (first) array an HLO instruction's line defines."""
+  match = _SHAPE.search(line)
+  return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def dot_flops(line: str, dims: dict[str, list[int]]) -> int:
+  """The FLOPs of an HLO dot's line: 2 x output elements x the size of the contracted dims
+  (of its left operand, whose dims `dims` has by name)."""
+  match = _DOT.search(line)
+  lhs = dims[match.group(1)]
+  contracted = [lhs[int(d)] for d in match.group(2).split(",") if d]
+  return 2 * math.prod(dims_of(line)) * math.prod(contracted)
+
+
+def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, tuple[int, bool]]]:
+  """For every instruction of an HLO module's text, {name: kind}, and for those that run
+  matmuls (a dot, or a fusion with dots inside), {name: (FLOPs, batched)}: batched when a dot
+  has batch dimensions."""
   computations, current = collections.defaultdict(list), None
   instructions = {}  # name -> (opcode, op_name, called computations)
+  lines, dims = {}, {}
   for line in text.splitlines():
     if line.rstrip().endswith("{") and not line.startswith(" "):
       current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
@@ -104,6 +131,17 @@ def parse_hlo(text: str) -> dict[str, str]:
       instructions[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "",
                                       _CALLED.findall(line))
       computations[current].append(match.group(1))
+      lines[match.group(1)], dims[match.group(1)] = line, dims_of(line)
+
+  def dots_in(name: str) -> list[str]:
+    """The dots `name` runs: itself, or those of the computations a fusion calls."""
+    opcode, _, called = instructions[name]
+    if opcode == "dot":
+      return [name]
+    if opcode != "fusion":
+      return []
+    return [dot for computation in called for inner in computations[computation]
+            for dot in dots_in(inner)]
 
   def kinds_in(name: str, seen: set[str]) -> set[str]:
     """The kinds of `name`, or of every instruction of the computations a fusion calls."""
@@ -123,12 +161,16 @@ def parse_hlo(text: str) -> dict[str, str]:
       return {"copy"}
     return {kind_of_op(op_name) if op_name else "elementwise"}
 
-  kinds = {}
+  kinds, matmuls = {}, {}
   for name, (opcode, _, _) in instructions.items():
     if opcode not in _CONTROL_FLOW:
       found = kinds_in(name, set())
       kinds[name] = next((k for k in KINDS if k in found), "copy")
-  return kinds
+      dots = dots_in(name)
+      if dots:
+        matmuls[name] = (sum(dot_flops(lines[d], dims) for d in dots),
+                         any("lhs_batch_dims" in lines[d] for d in dots))
+  return kinds, matmuls
 
 
 def covered(spans: list[tuple[float, float]]) -> float:
@@ -152,7 +194,7 @@ def breakdown(directory: str, top: int) -> list[dict]:
   with open(hlo_path, encoding="utf-8") as f:
     text = f.read()
   module = re.search(r"HloModule (\S+?),", text).group(1)
-  kinds = parse_hlo(text)
+  kinds, matmuls = parse_hlo(text)
   with gzip.open(traces[-1], "rt", encoding="utf-8") as f:
     events = [e for e in json.load(f)["traceEvents"]
               if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == module]
@@ -161,6 +203,8 @@ def breakdown(directory: str, top: int) -> list[dict]:
   # instructions have their own events, is left out, as from the sums).
   counted = collections.defaultdict(list)
   per_kind, per_op = collections.Counter(), collections.Counter()
+  # dense / batched -> the FLOPs their events ran, and their spans by run_id
+  dot_work = {kind: [0, collections.defaultdict(list)] for kind in ("dense", "batched")}
   for e in events:
     span = (e["ts"], e["ts"] + e["dur"])
     runs[e["args"]["run_id"]].append(span)
@@ -169,6 +213,11 @@ def breakdown(directory: str, top: int) -> list[dict]:
       counted[e["args"]["run_id"]].append(span)
       per_kind[kinds[name]] += e["dur"]
       per_op[name] += e["dur"]
+    if name in matmuls:
+      flop, batched = matmuls[name]
+      work = dot_work["batched" if batched else "dense"]
+      work[0] += flop
+      work[1][e["args"]["run_id"]].append(span)
   steps, total = len(runs), sum(per_kind.values())
   if not steps or not total:
     raise ValueError(f"--profile={directory}: the trace has no event of {module}'s instructions")
@@ -182,6 +231,16 @@ def breakdown(directory: str, top: int) -> list[dict]:
              for name, us in per_op.most_common() if kinds[name] != "matmul"][:top]
   rows.append({"steps": steps, "wall_ms_per_step": ms(wall), "busy_ms_per_step": ms(busy),
                "instructions_ms_per_step": ms(total), "busiest_non_matmul": busiest})
+  # Each kind of dot, then all of them: the FLOPs they run over the time any of them runs.
+  everything = [sum(flop for flop, _ in dot_work.values()), collections.defaultdict(list)]
+  for _, spans in dot_work.values():
+    for run_id, run_spans in spans.items():
+      everything[1][run_id] += run_spans
+  for kind, (flop, spans) in [*dot_work.items(), ("all", everything)]:
+    busy_us = sum(covered(run_spans) for run_spans in spans.values())
+    rows.append({"dots": kind, "gflop_per_step": round(flop / 1e9 / steps, 6),
+                 "busy_ms_per_step": ms(busy_us),
+                 "gflop_per_s": round(flop / 1e3 / busy_us, 2) if busy_us else 0.0})
   return rows
 
 

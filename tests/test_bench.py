@@ -49,13 +49,28 @@ def test_bench_prints_consistent_figures_with_the_masks_share_and_writes_a_trace
   assert 0 < row["mask_ms"] and row["mask_share"] == pytest.approx(
       row["mask_ms"] / row["step_ms"], rel=0.01, abs=1e-4)
   # The trace, read back by kind of op: every step traced, the shares of a partition.
-  *kinds, summary = [json.loads(line) for line in stdout_of(
+  rows = [json.loads(line) for line in stdout_of(
       run_module("benchmarks.trace_breakdown", f"--profile={tmp_path}")).splitlines()]
+  *kinds, summary, dense, batched, dots = rows
   assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
   assert 0 < summary["busy_ms_per_step"] <= min(summary["wall_ms_per_step"],
                                                 summary["instructions_ms_per_step"]) + 0.01
   assert sum(k["share"] for k in kinds) == pytest.approx(1, abs=1e-3)
   assert {k["kind"] for k in kinds if k["share"] > 0} >= {"matmul", "layer norm", "optimizer"}
+  # The matmuls' FLOPs read from the compiled HLO are the analytic count of mim_jax/flops.py
+  # within 1%, two independent counts of the same work: the analytic one takes every matmul of
+  # the forward pass three times, while autodiff never computes a gradient nothing needs, such
+  # as the patch embedding's with respect to the images (0.7% here, 0.13% at the bench config).
+  # The dots' busy time lies within the step's.
+  assert [r["dots"] for r in (dense, batched, dots)] == ["dense", "batched", "all"]
+  assert dots["gflop_per_step"] == pytest.approx(row["train_flops_per_image"] * 16 / 1e9, rel=0.01)
+  assert dots["gflop_per_step"] == pytest.approx(dense["gflop_per_step"]
+                                                 + batched["gflop_per_step"], abs=2e-4)
+  assert 0 < batched["gflop_per_step"] < dense["gflop_per_step"]
+  assert max(dense["busy_ms_per_step"], batched["busy_ms_per_step"]) <= dots["busy_ms_per_step"]
+  assert dots["busy_ms_per_step"] <= summary["busy_ms_per_step"] + 0.01
+  assert dots["gflop_per_s"] == pytest.approx(dots["gflop_per_step"] / dots["busy_ms_per_step"]
+                                              * 1e3, rel=0.01)
 
 
 def test_data_mode_prints_one_line_per_source_and_worker_count():

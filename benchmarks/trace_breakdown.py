@@ -105,11 +105,11 @@ def dims_of(line: str) -> list[int]:
   return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
-def dot_flops(line: str, dims: dict[str, list[int]]) -> int:
+def dot_flops(line: str, lines: dict[str, str]) -> int:
   """The FLOPs of an HLO dot's line: 2 x output elements x the size of the contracted dims
-  (of its left operand, whose dims `dims` has by name)."""
+  (of its left operand, whose line `lines` has by name)."""
   match = _DOT.search(line)
-  lhs = dims[match.group(1)]
+  lhs = dims_of(lines[match.group(1)])
   contracted = [lhs[int(d)] for d in match.group(2).split(",") if d]
   return 2 * math.prod(dims_of(line)) * math.prod(contracted)
 
@@ -120,7 +120,7 @@ def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, tuple[int, bool]]]:
   has batch dimensions."""
   computations, current = collections.defaultdict(list), None
   instructions = {}  # name -> (opcode, op_name, called computations)
-  lines, dims = {}, {}
+  lines = {}  # name -> its line
   for line in text.splitlines():
     if line.rstrip().endswith("{") and not line.startswith(" "):
       current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
@@ -131,7 +131,7 @@ def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, tuple[int, bool]]]:
       instructions[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "",
                                       _CALLED.findall(line))
       computations[current].append(match.group(1))
-      lines[match.group(1)], dims[match.group(1)] = line, dims_of(line)
+      lines[match.group(1)] = line
 
   def dots_in(name: str) -> list[str]:
     """The dots `name` runs: itself, or those of the computations a fusion calls."""
@@ -168,7 +168,7 @@ def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, tuple[int, bool]]]:
       kinds[name] = next((k for k in KINDS if k in found), "copy")
       dots = dots_in(name)
       if dots:
-        matmuls[name] = (sum(dot_flops(lines[d], dims) for d in dots),
+        matmuls[name] = (sum(dot_flops(lines[d], lines) for d in dots),
                          any("lhs_batch_dims" in lines[d] for d in dots))
   return kinds, matmuls
 
@@ -203,8 +203,8 @@ def breakdown(directory: str, top: int) -> list[dict]:
   # instructions have their own events, is left out, as from the sums).
   counted = collections.defaultdict(list)
   per_kind, per_op = collections.Counter(), collections.Counter()
-  # dense / batched -> the FLOPs their events ran, and their spans by run_id
-  dot_work = {kind: [0, collections.defaultdict(list)] for kind in ("dense", "batched")}
+  # dense / batched / all dots -> the FLOPs their events ran, and their spans by run_id
+  dot_work = {kind: [0, collections.defaultdict(list)] for kind in ("dense", "batched", "all")}
   for e in events:
     span = (e["ts"], e["ts"] + e["dur"])
     runs[e["args"]["run_id"]].append(span)
@@ -215,9 +215,9 @@ def breakdown(directory: str, top: int) -> list[dict]:
       per_op[name] += e["dur"]
     if name in matmuls:
       flop, batched = matmuls[name]
-      work = dot_work["batched" if batched else "dense"]
-      work[0] += flop
-      work[1][e["args"]["run_id"]].append(span)
+      for kind in ("batched" if batched else "dense", "all"):
+        dot_work[kind][0] += flop
+        dot_work[kind][1][e["args"]["run_id"]].append(span)
   steps, total = len(runs), sum(per_kind.values())
   if not steps or not total:
     raise ValueError(f"--profile={directory}: the trace has no event of {module}'s instructions")
@@ -232,11 +232,7 @@ def breakdown(directory: str, top: int) -> list[dict]:
   rows.append({"steps": steps, "wall_ms_per_step": ms(wall), "busy_ms_per_step": ms(busy),
                "instructions_ms_per_step": ms(total), "busiest_non_matmul": busiest})
   # Each kind of dot, then all of them: the FLOPs they run over the time any of them runs.
-  everything = [sum(flop for flop, _ in dot_work.values()), collections.defaultdict(list)]
-  for _, spans in dot_work.values():
-    for run_id, run_spans in spans.items():
-      everything[1][run_id] += run_spans
-  for kind, (flop, spans) in [*dot_work.items(), ("all", everything)]:
+  for kind, (flop, spans) in dot_work.items():
     busy_us = sum(covered(run_spans) for run_spans in spans.values())
     rows.append({"dots": kind, "gflop_per_step": round(flop / 1e9 / steps, 6),
                  "busy_ms_per_step": ms(busy_us),

@@ -30,14 +30,13 @@ FSDP_RULES: tuple[tuple[str, str], ...] = (
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The data axis over `devices`, every device of every process by default (the devices of a
-  TPU topology with no TPU attached, when mim_jax.tools.dryrun plans for one)."""
+  TPU topology with no TPU attached, when mim_jax.tools.dryrun plans for one). jax.make_mesh
+  orders them as the hardware links them, for a topology's as for attached devices."""
+  devices = jax.devices() if devices is None else devices
   # Auto axes: jit's sharding propagation places intermediates; only inputs, outputs and
   # parameters carry explicit shardings (JAX's default for make_mesh is now Explicit).
-  if devices is None:
-    return jax.make_mesh((jax.device_count(),), (AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.sharding.Mesh(np.asarray(devices), (AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((len(devices),), (AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
